@@ -1,0 +1,93 @@
+"""Tasks that do real work and report where they ran."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import time
+from typing import Any
+
+import redis
+
+from demo_app.celery import app
+
+TICKS_KEY = "demo:ticks"
+
+
+def _where(task: Any) -> dict[str, Any]:
+    """Describe the host, the worker node and the GPU this task ran on."""
+    return {
+        "hostname": socket.gethostname(),
+        "worker": task.request.hostname,
+        "queue": (task.request.delivery_info or {}).get("routing_key"),
+        "pid": os.getpid(),
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+    }
+
+
+def _digest(data: bytes, rounds: int) -> str:
+    for _ in range(rounds):
+        data = hashlib.sha256(data).digest()
+    return data.hex()
+
+
+@app.task(bind=True)
+def ping(self: Any) -> dict[str, Any]:
+    return {"pong": True, **_where(self)}
+
+
+@app.task(bind=True)
+def download_dataset(self: Any, name: str, size_kb: int = 64) -> dict[str, Any]:
+    payload = os.urandom(size_kb * 1024)
+    return {"dataset": name, "bytes": len(payload), "sha256": _digest(payload, 1), **_where(self)}
+
+
+@app.task(bind=True)
+def tokenize(self: Any, text: str) -> dict[str, Any]:
+    tokens = text.split()
+    return {"tokens": len(tokens), "vocab": len(set(tokens)), **_where(self)}
+
+
+@app.task(bind=True)
+def train(self: Any, steps: int = 2000) -> dict[str, Any]:
+    return {"steps": steps, "checkpoint": _digest(b"weights", steps), **_where(self)}
+
+
+@app.task(bind=True)
+def extract_features(self: Any, rows: int = 1000) -> dict[str, Any]:
+    features = [_digest(str(i).encode(), 1)[:8] for i in range(rows)]
+    return {"features": len(features), **_where(self)}
+
+
+@app.task(bind=True)
+def cleanup(self: Any) -> dict[str, Any]:
+    return {"cleaned": True, **_where(self)}
+
+
+@app.task(bind=True)
+def sleep(self: Any, seconds: float) -> dict[str, Any]:
+    """Hold a worker process busy, for restart and load tests."""
+    time.sleep(seconds)
+    return {"slept": seconds, **_where(self)}
+
+
+@app.task(bind=True)
+def tick(self: Any) -> dict[str, Any]:
+    """The periodic task beat dispatches: record every run in Redis."""
+    where = _where(self)
+    client = redis.Redis.from_url(app.conf.broker_url, socket_timeout=5)
+    client.rpush(TICKS_KEY, f"{time.time():.3f} {self.request.id} {where['worker']}")
+    client.ltrim(TICKS_KEY, -1000, -1)
+    return where
+
+
+# The task each queue is exercised with by the lab demo and the tests.
+QUEUE_PROBES = {
+    "high_priority": (ping, ()),
+    "datasets": (download_dataset, ("demo",)),
+    "processing": (tokenize, ("the quick brown fox jumps over the lazy dog the end",)),
+    "training": (train, (500,)),
+    "extraction": (extract_features, (200,)),
+    "low_priority": (cleanup, ()),
+}

@@ -1,0 +1,93 @@
+"""Report this host's Celery fleet units and what their workers are doing.
+
+``celery-fleet-status`` lists every unit the fleet owns on this host with its
+systemd state and, for each worker unit, asks that very worker (by node name)
+which queues it consumes and how many tasks it has completed. It prints JSON
+for ``playbooks/status.yml`` and ``playbooks/verify.yml`` to aggregate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import subprocess
+import sys
+from typing import Any
+
+UNIT_PATTERNS = ("celery-worker@*.service", "celery-beat.service", "flower.service")
+WORKER_PREFIX = "celery-worker@"
+
+
+def list_units() -> list[dict[str, str]]:
+    """Return the fleet's loaded units on this host with their states."""
+    out = subprocess.run(
+        ["systemctl", "list-units", "--all", "--plain", "--no-legend", "--no-pager", *UNIT_PATTERNS],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    units = []
+    for line in out.splitlines():
+        fields = line.split(None, 4)
+        if len(fields) >= 4:
+            units.append({"unit": fields[0], "active": fields[2], "sub": fields[3]})
+    return sorted(units, key=lambda u: u["unit"])
+
+
+def node_name(unit: str, hostname: str) -> str | None:
+    """The Celery node name of a worker unit: ``<instance>@<hostname>``."""
+    if not unit.startswith(WORKER_PREFIX):
+        return None
+    return f"{unit[len(WORKER_PREFIX):].removesuffix('.service')}@{hostname}"
+
+
+def summarize(
+    units: list[dict[str, str]],
+    hostname: str,
+    queues: dict[str, list[dict[str, Any]]],
+    stats: dict[str, dict[str, Any]],
+) -> list[dict[str, Any]]:
+    """Join unit states with the workers' own answers."""
+    rows = []
+    for unit in units:
+        node = node_name(unit["unit"], hostname)
+        row: dict[str, Any] = {**unit, "node": node, "queues": None, "tasks_done": None}
+        if node is not None:
+            row["answered"] = node in queues
+            if node in queues:
+                row["queues"] = sorted(q["name"] for q in queues[node])
+            if node in stats:
+                row["tasks_done"] = sum(stats[node].get("total", {}).values())
+        rows.append(row)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for workers to answer")
+    args = parser.parse_args(argv)
+
+    hostname = socket.gethostname()
+    units = list_units()
+    nodes = [n for n in (node_name(u["unit"], hostname) for u in units) if n]
+    from celery import Celery  # noqa: PLC0415 -- keep --help fast
+
+    queues: dict = {}
+    stats: dict = {}
+    if nodes:
+        # The broker comes from CELERY_BROKER_URL; remote control needs no tasks.
+        app = Celery("celery-fleet-status")
+        try:
+            inspector = app.control.inspect(destination=nodes, timeout=args.timeout)
+            queues = inspector.active_queues() or {}
+            stats = inspector.stats() or {}
+        finally:
+            app.close()
+    json.dump({"host": hostname, "units": summarize(units, hostname, queues, stats)}, sys.stdout)
+    sys.stdout.write("\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
