@@ -1,0 +1,136 @@
+"""Behaviour of the whole stack on one host."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from conftest import VENV, fleet_json, journal
+
+SECRET_FILES = {
+    "/etc/celery-fleet/broker.env": ("root", "root"),
+    "/etc/celery-fleet/flower.env": ("root", "root"),
+    "/etc/redis/redis.conf": ("root", "redis"),
+}
+
+
+def redis_cli(host, hostvars, *args: str, auth: bool = True):
+    env = f"REDISCLI_AUTH={hostvars['redis_password']} " if auth else ""
+    return host.run(f"{env}timeout 10 redis-cli --no-auth-warning {' '.join(args)}")
+
+
+def test_redis_is_active(host):
+    assert host.service("redis-server").is_running
+    assert host.service("redis-server").is_enabled
+
+
+def test_redis_refuses_unauthenticated_clients(host, hostvars):
+    assert "NOAUTH" in redis_cli(host, hostvars, "ping", auth=False).stdout
+    assert redis_cli(host, hostvars, "ping").stdout.strip() == "PONG"
+
+
+@pytest.mark.parametrize(
+    ("setting", "value"),
+    [("maxmemory-policy", "noeviction"), ("appendonly", "yes"), ("appendfsync", "everysec")],
+)
+def test_redis_keeps_queued_tasks(host, hostvars, setting, value):
+    assert redis_cli(host, hostvars, "config", "get", setting).stdout.split() == [setting, value]
+
+
+def test_redis_listens_on_loopback_only(host):
+    # A one-host fleet has no remote clients, so no private address is bound.
+    listening = host.run("ss -Hltn 'sport = :6379'").stdout.split("\n")
+    addresses = {line.split()[3].rsplit(":", 1)[0] for line in listening if line.strip()}
+    assert addresses and addresses <= {"127.0.0.1", "[::1]"}, addresses
+
+
+def test_each_worker_is_active_and_consumes_exactly_its_queues(host, hostvars):
+    expected = {w["name"]: sorted(w["queues"]) for w in hostvars["celery_workers"]}
+    status = fleet_json(host, f"{VENV}/bin/celery-fleet-status")
+    workers = {
+        u["unit"].removeprefix("celery-worker@").removesuffix(".service"): u
+        for u in status["units"]
+        if u["node"]
+    }
+    assert set(workers) == set(expected), "the units on the host differ from the inventory"
+    for name, unit in workers.items():
+        assert unit["active"] == "active", journal(host, unit["unit"])
+        assert unit["queues"] == expected[name], f"{name} consumes {unit['queues']}"
+
+
+def test_a_task_round_trips_through_every_queue_on_its_worker(host, hostvars):
+    consumers = {q: w["name"] for w in hostvars["celery_workers"] for q in w["queues"]}
+    results = fleet_json(host, f"{VENV}/bin/python -m demo_app.demo --timeout 60")
+    assert set(results) == set(consumers)
+    for queue, [result] in results.items():
+        assert "error" not in result, f"{queue}: {result}"
+        assert result["queue"] == queue
+        assert result["worker"] == f"{consumers[queue]}@{result['hostname']}"
+
+
+def test_beat_dispatches_the_periodic_task(host, hostvars):
+    assert host.service("celery-beat").is_running, journal(host, "celery-beat")
+    before = int(redis_cli(host, hostvars, "llen", "demo:ticks").stdout)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if int(redis_cli(host, hostvars, "llen", "demo:ticks").stdout) > before:
+            return
+        time.sleep(1)
+    pytest.fail(f"no periodic tick ran in 30 s\n{journal(host, 'celery-beat')}")
+
+
+def http_status(host, url: str, user: str | None = None, password: str | None = None) -> int:
+    auth = ""
+    if user is not None:
+        # Credentials reach the probe through its environment, never argv.
+        auth = (
+            "import base64, os; r.add_header('Authorization', 'Basic ' + "
+            "base64.b64encode(os.environ['CRED'].encode()).decode()); "
+        )
+    script = (
+        "import urllib.request, urllib.error\n"
+        f"r = urllib.request.Request({url!r}); {auth}\n"
+        "try:\n    print(urllib.request.urlopen(r, timeout=10).status)\n"
+        "except urllib.error.HTTPError as e:\n    print(e.code)\n"
+    )
+    env = f"CRED='{user}:{password}' " if user is not None else ""
+    result = host.run(f"{env}python3 - <<'PY'\n{script}PY")
+    assert result.rc == 0, result.stderr
+    return int(result.stdout.strip())
+
+
+def test_flower_requires_auth(host, hostvars):
+    url = f"http://127.0.0.1:{hostvars.get('flower_port', 5555)}/api/workers"
+    assert http_status(host, url) == 401
+    assert http_status(host, url, hostvars["flower_user"], "wrong-password-123") == 401
+    assert http_status(host, url, hostvars["flower_user"], hostvars["flower_password"]) == 200
+
+
+def test_flower_listens_on_loopback_only(host):
+    listening = host.run("ss -Hltn 'sport = :5555'").stdout.split("\n")
+    addresses = {line.split()[3].rsplit(":", 1)[0] for line in listening if line.strip()}
+    assert addresses == {"127.0.0.1"}, addresses
+
+
+def test_no_secret_on_any_command_line(host, hostvars):
+    secrets = [hostvars["redis_password"], hostvars["flower_password"]]
+    cmdlines = host.run("cat /proc/[0-9]*/cmdline | tr '\\0' ' '").stdout
+    assert "celery" in cmdlines  # the fleet's processes were read
+    for secret in secrets:
+        assert secret not in cmdlines
+
+
+@pytest.mark.parametrize("path", sorted(SECRET_FILES))
+def test_secret_files_are_root_only(host, path):
+    f = host.file(path)
+    assert f.exists
+    assert (f.user, f.group) == SECRET_FILES[path]
+    assert f.mode in (0o600, 0o640), oct(f.mode)
+
+
+def test_every_unit_the_project_writes_verifies_clean(host, hostvars):
+    units = [f"celery-worker@{w['name']}.service" for w in hostvars["celery_workers"]]
+    units += ["celery-beat.service", "flower.service", "celery.target", "redis-server.service"]
+    result = host.run(f"cd /tmp && systemd-analyze verify --man=no {' '.join(units)}")
+    assert result.rc == 0
+    assert result.stdout + result.stderr == ""
