@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shlex
 import socket
 import subprocess
 import sys
@@ -17,6 +19,22 @@ from typing import Any
 
 UNIT_PATTERNS = ("celery-worker@*.service", "celery-beat.service", "flower.service")
 WORKER_PREFIX = "celery-worker@"
+
+
+DEFAULT_ENV_FILES = ("/etc/celery-fleet/celery.env", "/etc/celery-fleet/broker.env")
+
+
+def read_env_file(text: str) -> dict[str, str]:
+    """Parse a systemd EnvironmentFile: KEY=VALUE lines, comments, optional quotes."""
+    env = {}
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith(("#", ";")) or "=" not in line:
+            continue
+        key, value = line.split("=", 1)
+        words = shlex.split(value) if value else [""]
+        env[key.strip()] = " ".join(words)
+    return env
 
 
 def list_units() -> list[dict[str, str]]:
@@ -65,8 +83,16 @@ def summarize(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--env-file",
+        action="append",
+        help="environment file the units use (repeatable); default: the fleet's own",
+    )
     parser.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for workers to answer")
     args = parser.parse_args(argv)
+    for path in args.env_file or DEFAULT_ENV_FILES:
+        with open(path, encoding="utf-8") as f:
+            os.environ.update(read_env_file(f.read()))
 
     hostname = socket.gethostname()
     units = list_units()
