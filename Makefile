@@ -17,7 +17,7 @@ export ANSIBLE_LOCAL_TEMP := $(CURDIR)/.cache/ansible/tmp
 LAB := -i inventories/lab
 SCENARIOS ?= default
 
-.PHONY: help venv docker image lab lab-down lint unit molecule test clean
+.PHONY: help venv prereqs image lab lab-down lint unit molecule test clean
 
 help:
 	@echo "make lab       build the lab hosts, deploy the fleet, run demo tasks, print status"
@@ -31,10 +31,10 @@ $(VENV)/.stamp: requirements.txt
 
 venv: $(VENV)/.stamp
 
-docker:
-	scripts/ensure-docker.sh
+prereqs:
+	scripts/host-prereqs.sh
 
-image: docker
+image: prereqs
 	scripts/base-image.sh
 
 lab: venv image
@@ -55,7 +55,7 @@ lint: venv
 	ruff check .
 	ruff format --check .
 
-unit: venv
+unit: venv prereqs
 	pytest tests
 
 molecule: venv image

@@ -57,7 +57,7 @@ def node_name(unit: str, hostname: str) -> str | None:
     """The Celery node name of a worker unit: ``<instance>@<hostname>``."""
     if not unit.startswith(WORKER_PREFIX):
         return None
-    return f"{unit[len(WORKER_PREFIX):].removesuffix('.service')}@{hostname}"
+    return f"{unit[len(WORKER_PREFIX) :].removesuffix('.service')}@{hostname}"
 
 
 def summarize(

@@ -70,9 +70,18 @@ EXAMPLES = r"""
 """
 
 RETURN = r"""
-archive: {description: Path of the archive on the controller, type: str, returned: always}
-digest: {description: Digest of the inputs; also the top-level directory in the archive, type: str, returned: always}
-wheels: {description: File names of the wheels in the archive, type: list, returned: always}
+archive:
+  description: Path of the archive on the controller.
+  type: str
+  returned: always
+digest:
+  description: Digest of the inputs; also the top-level directory in the archive.
+  type: str
+  returned: always
+wheels:
+  description: File names of the wheels in the archive.
+  type: list
+  returned: always
 """
 
 SKIP_DIRS = {"__pycache__", "build", "dist"}
@@ -88,7 +97,9 @@ def source_files(source: Path) -> list[Path]:
     return files
 
 
-def digest_inputs(sources: list[Path], requirements: list[str], python_version: str, platforms: list[str]) -> str:
+def digest_inputs(
+    sources: list[Path], requirements: list[str], python_version: str, platforms: list[str]
+) -> str:
     """One digest over everything that decides the wheelhouse's contents."""
     h = hashlib.sha256()
     for value in (python_version, *platforms, *requirements):
@@ -103,11 +114,11 @@ def digest_inputs(sources: list[Path], requirements: list[str], python_version: 
 def pins(wheel_names: list[str]) -> list[str]:
     """``name==version`` for every wheel, so the targets install exactly these."""
     lines = []
-    for name in sorted(wheel_names):
+    for name in wheel_names:
         match = WHEEL_NAME.match(name)
         if match:
             lines.append(f"{match['name'].replace('_', '-').lower()}=={match['version']}")
-    return lines
+    return sorted(lines)
 
 
 def canonical(name: str) -> str:
@@ -194,14 +205,25 @@ def build(module: AnsibleModule, sources: list[Path], work: Path, digest: str) -
     for _ in range(10):
         run(
             module,
-            [*pip, "download", "--dest", str(house), "--find-links", str(house),
-             *pip_args(p["python_version"], p["platforms"]), *wanted, *p["requirements"]],
+            [
+                *pip,
+                "download",
+                "--dest",
+                str(house),
+                "--find-links",
+                str(house),
+                *pip_args(p["python_version"], p["platforms"]),
+                *wanted,
+                *p["requirements"],
+            ],
         )
         wanted = missing_requirements(house, top_level, environment)
         if not wanted:
             break
     else:
-        module.fail_json(msg=f"could not complete the wheelhouse for the targets: {', '.join(wanted)} missing")
+        module.fail_json(
+            msg=f"could not complete the wheelhouse for the targets: {', '.join(wanted)} missing"
+        )
     wheels = sorted(w.name for w in house.glob("*.whl"))
     (house / "requirements.txt").write_text("\n".join(pins(wheels)) + "\n")
     return wheels
@@ -229,7 +251,9 @@ def main() -> None:
     sources = [Path(s).resolve() for s in p["sources"]]
     for source in sources:
         if not (source / "pyproject.toml").is_file():
-            module.fail_json(msg=f"{source} has no pyproject.toml; celery_app_sources must list project directories")
+            module.fail_json(
+                msg=f"{source} has no pyproject.toml; celery_app_sources must list project directories"
+            )
     digest = digest_inputs(sources, p["requirements"], p["python_version"], [p["machine"], *p["platforms"]])
     dest = Path(p["dest"])
     archive = dest / f"wheelhouse-{digest}.tar.gz"

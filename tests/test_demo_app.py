@@ -1,0 +1,111 @@
+"""The demo app against a real redis-server and real workers: routing and reliability settings."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import ROOT
+
+PYTHONPATH = os.pathsep.join([str(ROOT / "examples" / "demo_app" / "src"), str(ROOT / "src")])
+
+
+@pytest.fixture
+def worker_env(redis_server):
+    return {
+        **os.environ,
+        "PYTHONPATH": PYTHONPATH,
+        "CELERY_BROKER_URL": redis_server.url,
+        "CELERY_RESULT_BACKEND": redis_server.url.removesuffix("/0") + "/1",
+    }
+
+
+def start_worker(env, name: str, queues: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "celery",
+            "--app",
+            "demo_app",
+            "worker",
+            "--hostname",
+            f"{name}@test",
+            "--queues",
+            queues,
+            "--pool",
+            "solo",
+            "--without-mingle",
+            "--without-gossip",
+            "--loglevel",
+            "WARNING",
+        ],
+        env=env,
+    )
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=5)
+
+
+def test_every_queue_round_trips_to_the_worker_that_consumes_it(worker_env):
+    split = {"fast": "high_priority,datasets,processing", "slow": "training,extraction,low_priority"}
+    workers = [start_worker(worker_env, name, queues) for name, queues in split.items()]
+    try:
+        out = subprocess.run(
+            [sys.executable, "-m", "demo_app.demo", "--timeout", "30"],
+            env=worker_env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert out.returncode == 0, out.stdout + out.stderr
+        import json  # noqa: PLC0415
+
+        results = json.loads(out.stdout)
+        for name, queues in split.items():
+            for queue in queues.split(","):
+                [result] = results[queue]
+                assert result["worker"] == f"{name}@test"
+                assert result["queue"] == queue
+    finally:
+        for w in workers:
+            stop(w)
+
+
+def test_a_task_nobody_consumes_stays_queued(worker_env, redis_server):
+    """What celery-fleet exists to prevent: a routed queue with no worker keeps its tasks waiting."""
+    worker = start_worker(worker_env, "fast", "high_priority")
+    try:
+        code = "from demo_app.tasks import train\nr = train.apply_async(args=(10,))\nprint(r.id)\n"
+        subprocess.run(
+            [sys.executable, "-c", code], env=worker_env, check=True, timeout=60, capture_output=True
+        )
+        time.sleep(2)
+        assert redis_server.client().llen("training") == 1
+    finally:
+        stop(worker)
+
+
+def test_reliability_settings():
+    import sys as _sys  # noqa: PLC0415
+
+    _sys.path.insert(0, str(ROOT / "examples" / "demo_app" / "src"))
+    from demo_app.celery import QUEUES, app  # noqa: PLC0415
+
+    assert app.conf.task_acks_late is True
+    assert app.conf.task_reject_on_worker_lost is True
+    assert app.conf.worker_prefetch_multiplier == 1
+    assert app.conf.broker_transport_options["visibility_timeout"] >= 3600
+    routed = {route["queue"] for route in app.conf.task_routes.values()}
+    assert routed == set(QUEUES)

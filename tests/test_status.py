@@ -1,0 +1,35 @@
+"""The status probe's parsing and joining logic."""
+
+from __future__ import annotations
+
+from celery_fleet import status
+
+
+def test_env_files_parse_like_systemd_reads_them():
+    text = '# comment\n\nCELERY_APP=demo_app\nCELERY_WORKER_ARGS="--queues=a,b --pool=solo"\n; other\n'
+    assert status.read_env_file(text) == {
+        "CELERY_APP": "demo_app",
+        "CELERY_WORKER_ARGS": "--queues=a,b --pool=solo",
+    }
+
+
+def test_worker_units_map_to_their_node_names():
+    assert status.node_name("celery-worker@gpu-0.service", "host1") == "gpu-0@host1"
+    assert status.node_name("celery-beat.service", "host1") is None
+
+
+def test_units_are_joined_with_the_workers_answers():
+    units = [
+        {"unit": "celery-worker@a.service", "active": "active", "sub": "running"},
+        {"unit": "celery-worker@b.service", "active": "failed", "sub": "failed"},
+        {"unit": "flower.service", "active": "active", "sub": "running"},
+    ]
+    queues = {"a@h": [{"name": "y"}, {"name": "x"}]}
+    stats = {"a@h": {"total": {"t1": 3, "t2": 4}}}
+    rows = status.summarize(units, "h", queues, stats)
+    assert rows[0]["queues"] == ["x", "y"]
+    assert rows[0]["tasks_done"] == 7
+    assert rows[0]["answered"] is True
+    assert rows[1]["answered"] is False
+    assert rows[1]["queues"] is None
+    assert rows[2]["node"] is None
