@@ -14,11 +14,15 @@ mkdir -p "$(dirname "$results")"
 now() { date +%s.%N; }
 elapsed() { python3 -c "print(round($2 - $1, 1))"; }
 
-ansible-playbook "${LAB[@]}" scripts/lab-hosts.yml -e lab_state=absent >/dev/null
+lab_down() { ansible-playbook "${LAB[@]}" scripts/lab-hosts.yml -e lab_state=absent >/dev/null; }
+trap lab_down EXIT
+
+lab_down
 ansible-playbook "${LAB[@]}" scripts/lab-hosts.yml >/dev/null
 ansible-playbook "${LAB[@]}" molecule/shared/prepare.yml >/dev/null
 
 t0=$(now); ansible-playbook "${LAB[@]}" site.yml >/tmp/celery-fleet-bench-first.log; t1=$(now)
+echo "first converge: $(elapsed "$t0" "$t1") s"
 ansible-playbook "${LAB[@]}" site.yml >/tmp/celery-fleet-bench-noop.log; t2=$(now)
 grep -q 'changed=0' /tmp/celery-fleet-bench-noop.log
 if grep -E 'changed=[1-9]' /tmp/celery-fleet-bench-noop.log; then
@@ -27,21 +31,20 @@ if grep -E 'changed=[1-9]' /tmp/celery-fleet-bench-noop.log; then
 fi
 
 # Raw floor: the packages and the venv install alone, on a fresh lab host.
-ansible-playbook "${LAB[@]}" scripts/lab-hosts.yml -e lab_state=absent >/dev/null
+lab_down
 ansible-playbook "${LAB[@]}" scripts/lab-hosts.yml >/dev/null
 ansible-playbook "${LAB[@]}" molecule/shared/prepare.yml >/dev/null
 archive=$(ls -t .cache/wheelhouse/wheelhouse-*.tar.gz | head -1)
-docker cp "$archive" lab-broker:/tmp/wheelhouse.tar.gz
+docker cp "$archive" lab-broker:/root/wheelhouse.tar.gz
 t3=$(now)
 docker exec lab-broker bash -ec '
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -q >/dev/null
   apt-get install -y -q redis-server python3-venv >/dev/null
-  mkdir -p /tmp/wh && tar -C /tmp/wh -xzf /tmp/wheelhouse.tar.gz
-  python3 -m venv /tmp/venv
-  /tmp/venv/bin/pip install -q --no-index --find-links /tmp/wh/* -r /tmp/wh/*/requirements.txt'
+  mkdir -p /root/wh && tar -C /root/wh -xzf /root/wheelhouse.tar.gz
+  python3 -m venv /root/venv
+  /root/venv/bin/pip install -q --no-index --find-links /root/wh/* -r /root/wh/*/requirements.txt'
 t4=$(now)
-ansible-playbook "${LAB[@]}" scripts/lab-hosts.yml -e lab_state=absent >/dev/null
 
 line=$(printf '{"date": "%s", "hosts": 3, "workers": 6, "first_converge_s": %s, "noop_rerun_s": %s, "raw_floor_one_host_s": %s, "machine": "%s cores"}' \
   "$(date -u +%FT%TZ)" "$(elapsed "$t0" "$t1")" "$(elapsed "$t1" "$t2")" "$(elapsed "$t3" "$t4")" "$(nproc)")

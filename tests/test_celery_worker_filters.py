@@ -104,3 +104,10 @@ def test_the_shared_template_drop_in_directory_is_never_stale():
         "instances": [],
         "paths": [],
     }
+
+
+@pytest.mark.parametrize("flag", ["-B", "--beat"])
+def test_beat_embedded_in_a_worker_is_refused(flag):
+    [error] = plugin.celery_worker_errors([{"name": "a", "queues": ["x"], "extra_args": [flag]}], DEFAULTS)
+    assert "celery_workers[a].extra_args embeds beat" in error
+    assert "celery_beat group" in error

@@ -109,3 +109,18 @@ def test_reliability_settings():
     assert app.conf.broker_transport_options["visibility_timeout"] >= 3600
     routed = {route["queue"] for route in app.conf.task_routes.values()}
     assert routed == set(QUEUES)
+
+
+def test_the_tick_schedule_is_aligned_to_the_clock():
+    from datetime import UTC, datetime  # noqa: PLC0415
+
+    from demo_app.schedules import every  # noqa: PLC0415
+
+    s = every(5)
+    last = datetime.fromtimestamp(1000.2, tz=UTC)
+    s.now = lambda: datetime.fromtimestamp(1003.0, tz=UTC)
+    due, remaining = s.is_due(last)
+    assert not due and abs(remaining - 2.0) < 1e-6
+    s.now = lambda: datetime.fromtimestamp(1005.1, tz=UTC)
+    due, remaining = s.is_due(last)
+    assert due and abs(remaining - 4.9) < 1e-6

@@ -127,6 +127,12 @@ def celery_worker_errors(workers: Any, defaults: dict[str, Any]) -> list[str]:
         mtpc = spec.get("max_tasks_per_child")
         if not isinstance(mtpc, int) or isinstance(mtpc, bool) or mtpc < 0:
             errors.append(f"{where}.max_tasks_per_child {mtpc!r} must be 0 (never) or more. {FIX}")
+        extra = spec.get("extra_args") or []
+        if any(a in ("-B", "--beat") or str(a).startswith("--beat=") for a in extra):
+            errors.append(
+                f"{where}.extra_args embeds beat in a worker (-B); a second beat dispatches every periodic "
+                "task twice. Fix: remove it and list the host in the celery_beat group."
+            )
         unknown = sorted(set(entry) - set(defaults) - {"name", "queues"})
         if unknown:
             errors.append(f"{where} has unknown fields {', '.join(unknown)}. {FIX}")

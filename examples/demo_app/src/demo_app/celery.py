@@ -7,6 +7,8 @@ import os
 from celery import Celery
 from kombu import Queue
 
+from demo_app.schedules import every
+
 # The queues mirror a typical ML backend: quick API work, dataset ingestion,
 # CPU preprocessing, GPU training and extraction, and background maintenance.
 QUEUES = (
@@ -48,9 +50,9 @@ app.conf.update(
     task_send_sent_event=True,
     timezone="UTC",
     beat_schedule={
-        "tick-every-5s": {
+        "tick": {
             "task": "demo_app.tasks.tick",
-            "schedule": float(os.environ.get("DEMO_TICK_SECONDS", "5")),
+            "schedule": every(float(os.environ.get("DEMO_TICK_SECONDS", "5"))),
         },
     },
 )

@@ -74,11 +74,20 @@ def sleep(self: Any, seconds: float) -> dict[str, Any]:
 
 @app.task(bind=True)
 def tick(self: Any) -> dict[str, Any]:
-    """The periodic task beat dispatches: record every run in Redis."""
+    """The periodic task beat dispatches; a checker of duplicate and missing ticks.
+
+    Every run is recorded in Redis as ``<time> <task id> <worker>``. The
+    schedule is aligned to the clock, so the slot of a run is
+    ``floor(time / DEMO_TICK_SECONDS)``: two runs in one slot mean two beats
+    dispatched it.
+    """
     where = _where(self)
-    client = redis.Redis.from_url(app.conf.broker_url, socket_timeout=5)
-    client.rpush(TICKS_KEY, f"{time.time():.3f} {self.request.id} {where['worker']}")
-    client.ltrim(TICKS_KEY, -1000, -1)
+    client = redis.Redis.from_url(app.conf.broker_url, socket_timeout=5, socket_connect_timeout=5)
+    try:
+        client.rpush(TICKS_KEY, f"{time.time():.3f} {self.request.id} {where['worker']}")
+        client.ltrim(TICKS_KEY, -5000, -1)
+    finally:
+        client.close()
     return where
 
 
