@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
-from conftest import VENV, fleet_json, journal
+from fleet_testing import VENV, fleet_json, journal
 
 LOCK_KEY = "celery-fleet:beat-leader"
 BROKER_ADDRESS = "172.30.78.10"
@@ -62,7 +63,8 @@ def test_tasks_round_trip_across_hosts(beat_hosts):
 
 
 def beat_processes(host) -> int:
-    return len([line for line in host.run("pgrep -af 'celery.* beat'").stdout.splitlines() if " beat" in line])
+    lines = host.run("pgrep -af 'celery.* beat'").stdout.splitlines()
+    return len([line for line in lines if " beat" in line])
 
 
 def test_exactly_one_beat_runs_fleet_wide_and_the_lease_names_it(broker, settings, beat_hosts):
@@ -95,7 +97,7 @@ def test_at_most_one_dispatch_per_slot(broker, settings):
 def test_no_gap_longer_than_the_lease_ttl_plus_a_few_seconds(broker, settings):
     ttl = settings["celery_beat_lock_ttl"]
     times = ticks(broker, settings)
-    gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(times)]
     assert max(gaps) <= ttl + 6, f"longest gap {max(gaps):.1f} s"
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 import pytest
-from conftest import VENV, fleet_json, journal
+from fleet_testing import VENV, fleet_json, journal
 
 SECRET_FILES = {
     "/etc/celery-fleet/broker.env": ("root", "root"),

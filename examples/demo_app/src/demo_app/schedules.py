@@ -5,10 +5,10 @@ from __future__ import annotations
 import math
 from datetime import datetime, timedelta
 
-from celery.schedules import schedule, schedstate
+from celery.schedules import schedstate, schedule
 
 
-class every(schedule):  # noqa: N801 -- reads like celery's own schedule helpers
+class every(schedule):
     """Run at every multiple of ``seconds`` since the epoch.
 
     Whichever beat is running, a tick is due at the same instants, so a
