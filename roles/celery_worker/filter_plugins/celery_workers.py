@@ -96,6 +96,32 @@ def _positive_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
+def _field_errors(where: str, entry: dict[str, Any], spec: dict[str, Any], defaults: dict[str, Any]) -> list[str]:
+    """Problems in one entry's fields, its name aside."""
+    errors = []
+    queues = spec.get("queues")
+    if not isinstance(queues, list) or not queues or not all(isinstance(q, str) and q for q in queues):
+        errors.append(f"{where}.queues must be a non-empty list of queue names. {FIX}")
+    if spec.get("pool") not in POOLS:
+        errors.append(f"{where}.pool {spec.get('pool')!r} is not one of {', '.join(POOLS)}. {FIX}")
+    for field in ("concurrency", "prefetch_multiplier", "stop_timeout"):
+        if not _positive_int(spec.get(field)):
+            errors.append(f"{where}.{field} {spec.get(field)!r} must be a positive integer. {FIX}")
+    mtpc = spec.get("max_tasks_per_child")
+    if not isinstance(mtpc, int) or isinstance(mtpc, bool) or mtpc < 0:
+        errors.append(f"{where}.max_tasks_per_child {mtpc!r} must be 0 (never) or more. {FIX}")
+    extra = spec.get("extra_args") or []
+    if any(a in ("-B", "--beat") or str(a).startswith("--beat=") for a in extra):
+        errors.append(
+            f"{where}.extra_args embeds beat in a worker (-B); a second beat dispatches every periodic "
+            "task twice. Fix: remove it and list the host in the celery_beat group."
+        )
+    unknown = sorted(set(entry) - set(defaults) - {"name", "queues"})
+    if unknown:
+        errors.append(f"{where} has unknown fields {', '.join(unknown)}. {FIX}")
+    return errors
+
+
 def celery_worker_errors(workers: Any, defaults: dict[str, Any]) -> list[str]:
     """Every problem in a ``celery_workers`` list, each naming the variable and the fix."""
     if not isinstance(workers, list):
@@ -116,26 +142,7 @@ def celery_worker_errors(workers: Any, defaults: dict[str, Any]) -> list[str]:
         else:
             seen.add(name)
             where = f"celery_workers[{name}]"
-        queues = spec.get("queues")
-        if not isinstance(queues, list) or not queues or not all(isinstance(q, str) and q for q in queues):
-            errors.append(f"{where}.queues must be a non-empty list of queue names. {FIX}")
-        if spec.get("pool") not in POOLS:
-            errors.append(f"{where}.pool {spec.get('pool')!r} is not one of {', '.join(POOLS)}. {FIX}")
-        for field in ("concurrency", "prefetch_multiplier", "stop_timeout"):
-            if not _positive_int(spec.get(field)):
-                errors.append(f"{where}.{field} {spec.get(field)!r} must be a positive integer. {FIX}")
-        mtpc = spec.get("max_tasks_per_child")
-        if not isinstance(mtpc, int) or isinstance(mtpc, bool) or mtpc < 0:
-            errors.append(f"{where}.max_tasks_per_child {mtpc!r} must be 0 (never) or more. {FIX}")
-        extra = spec.get("extra_args") or []
-        if any(a in ("-B", "--beat") or str(a).startswith("--beat=") for a in extra):
-            errors.append(
-                f"{where}.extra_args embeds beat in a worker (-B); a second beat dispatches every periodic "
-                "task twice. Fix: remove it and list the host in the celery_beat group."
-            )
-        unknown = sorted(set(entry) - set(defaults) - {"name", "queues"})
-        if unknown:
-            errors.append(f"{where} has unknown fields {', '.join(unknown)}. {FIX}")
+        errors.extend(_field_errors(where, entry, spec, defaults))
     return errors
 
 

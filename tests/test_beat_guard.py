@@ -1,0 +1,467 @@
+"""The beat lease supervisor against a real redis-server: one beat fleet-wide, failover, no stale dispatch.
+
+The supervisors run as real processes. Their child is a small script standing in for ``celery beat``: it
+appends ``tick <pid> <monotonic>`` to a shared file every 0.2 s, but only while the same fence check
+that ``LeaseScheduler`` makes allows it, so a tick is a "dispatch". The fence class itself is tested
+in-process on a scheduler that records instead of sending.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from celery import Celery, beat
+from kombu.utils.imports import symbol_by_name
+
+from celery_fleet import beat_guard
+
+SRC = Path(__file__).resolve().parent.parent / "src"
+KEY = beat_guard.DEFAULT_LOCK_KEY
+TTL, RENEW, POLL = 3.0, 1.0, 0.2
+TIMING = ["--ttl", str(TTL), "--renew-interval", str(RENEW), "--poll-interval", str(POLL)]
+# Losing the lease kills the child within one renewal, plus the SIGTERM grace, plus scheduling slack.
+LOSS_BOUND = RENEW + beat_guard.Settings("", "", TTL, RENEW, POLL, Path(), "", ()).kill_grace + 1.5
+
+CHILD = """\
+import os, signal, sys, time
+from celery_fleet.beat_guard import lease_is_valid
+
+def write(line):
+    with open(sys.argv[1], "a", encoding="utf-8") as f:
+        f.write(line + "\\n")
+
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+write(f"start {os.getpid()} {time.monotonic()!r}")
+while True:
+    if lease_is_valid():
+        write(f"tick {os.getpid()} {time.monotonic()!r}")
+    time.sleep(0.2)
+"""
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float, interval: float = 0.05) -> bool:
+    """Poll ``predicate`` until it is truthy or ``timeout`` seconds pass; bounded in time and count."""
+    for _ in range(int(timeout / interval) + 1):
+        if predicate():
+            return True
+        time.sleep(interval)
+    return bool(predicate())
+
+
+def holds_for(predicate: Callable[[], Any], duration: float, interval: float = 0.1) -> bool:
+    """Whether ``predicate`` stays truthy at every sample over ``duration`` seconds."""
+    for _ in range(int(duration / interval) + 1):
+        if not predicate():
+            return False
+        time.sleep(interval)
+    return True
+
+
+def proc_state(pid: int) -> tuple[str, int] | None:
+    """(state, parent pid) of a process from /proc, or None when it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return fields[0], int(fields[1])
+
+
+def alive(pid: int) -> bool:
+    state = proc_state(pid)
+    return state is not None and state[0] not in "ZX"
+
+
+def live_children(*parents: int) -> dict[int, list[int]]:
+    """Running (not zombie) children of each parent pid, read from /proc."""
+    found: dict[int, list[int]] = {p: [] for p in parents}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and (state := proc_state(int(entry))) and state[1] in found:
+            if state[0] not in "ZX":
+                found[state[1]].append(int(entry))
+    return found
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Guard:
+    """One supervisor process with its stderr in a file."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], state_file: Path, stderr_path: Path) -> None:
+        self.proc = proc
+        self.pid = proc.pid
+        self.state_file = state_file
+        self.stderr_path = stderr_path
+
+    def stderr(self) -> str:
+        return self.stderr_path.read_text(errors="replace")
+
+    def children(self) -> list[int]:
+        return live_children(self.pid)[self.pid]
+
+    def only_child(self) -> int | None:
+        kids = self.children()
+        return kids[0] if len(kids) == 1 else None
+
+    def deadline(self) -> float:
+        return float(self.state_file.read_text())
+
+
+class Fleet:
+    """Supervisors on one machine standing in for hosts, sharing one "dispatch" log."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.dir = tmp_path
+        self.script = tmp_path / "fake_beat.py"
+        self.script.write_text(CHILD)
+        self.out = tmp_path / "dispatches.log"
+        self.out.touch()
+        self.guards: list[Guard] = []
+
+    def start(self, name: str, url: str | None, *extra: str) -> Guard:
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
+        env.pop("CELERY_BROKER_URL", None)
+        if url is not None:
+            env["CELERY_BROKER_URL"] = url
+        state_file = self.dir / name / "lease"  # the directory does not exist yet: the guard makes it
+        stderr_path = self.dir / f"{name}.stderr"
+        argv = [sys.executable, "-m", "celery_fleet.beat_guard", *TIMING, "--state-file", str(state_file)]
+        argv += [*extra, "--", sys.executable, str(self.script), str(self.out)]
+        with open(stderr_path, "wb") as stderr:
+            proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=stderr, stderr=stderr)
+        guard = Guard(proc, state_file, stderr_path)
+        self.guards.append(guard)
+        return guard
+
+    def events(self) -> list[tuple[str, int, float]]:
+        rows = []
+        for line in self.out.read_text().splitlines():
+            kind, pid, stamp = line.split()
+            rows.append((kind, int(pid), float(stamp)))
+        return rows
+
+    def ticks(self, pid: int) -> list[float]:
+        return [stamp for kind, p, stamp in self.events() if kind == "tick" and p == pid]
+
+    def children(self) -> list[int]:
+        """Every running child of every supervisor."""
+        found = live_children(*(g.pid for g in self.guards))
+        return [pid for kids in found.values() for pid in kids]
+
+    def cleanup(self) -> None:
+        """Kill every supervisor and every fake beat they started, stopped ones included."""
+        for guard in self.guards:
+            if guard.proc.poll() is None:
+                os.kill(guard.pid, signal.SIGCONT)
+                guard.proc.kill()
+            guard.proc.wait(timeout=10)
+        for pid in {p for kind, p, _ in self.events() if kind == "start"}:
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if str(self.script).encode() in cmdline:
+                for sig in (signal.SIGCONT, signal.SIGKILL):
+                    try:
+                        os.killpg(pid, sig)
+                    except ProcessLookupError:
+                        pass
+
+
+@pytest.fixture
+def fleet(tmp_path: Path) -> Iterator[Fleet]:
+    fleet = Fleet(tmp_path)
+    try:
+        yield fleet
+    finally:
+        fleet.cleanup()
+
+
+def holder(client: redis.Redis) -> int | None:
+    """The pid named by the lease's value, or None when nobody holds it."""
+    value = client.get(KEY)
+    match = re.search(rb"\bpid=(\d+)", value or b"")
+    return int(match.group(1)) if match else None
+
+
+def wait_for_leader(client: redis.Redis, guard: Guard, timeout: float = 10.0) -> int:
+    """Wait until ``guard`` holds the lease and its fake beat dispatches; returns the child's pid."""
+    assert wait_until(lambda: holder(client) == guard.pid and guard.only_child(), timeout), guard.stderr()
+    child = guard.only_child()
+    assert child is not None
+    fleet_out_has_tick = wait_until(lambda: Path(f"/proc/{child}").exists(), 1)
+    assert fleet_out_has_tick
+    return child
+
+
+def test_leader_holds_renews_and_releases_the_lease(redis_server, fleet, tmp_path):
+    env_file = tmp_path / "broker.env"
+    env_file.write_text(f'# as the beat unit reads it\nCELERY_BROKER_URL="{redis_server.url}"\n')
+    guard = fleet.start("a", None, "--env-file", str(env_file))
+    client = redis_server.client()
+    child = wait_for_leader(client, guard)
+    assert wait_until(lambda: fleet.ticks(child), 5)
+
+    token = client.get(KEY).decode()
+    assert f"host={socket.gethostname()} pid={guard.pid} since=" in token
+
+    # Over two TTLs the key never expires, keeps the same holder, and its TTL goes back up.
+    pttls = []
+    for _ in range(int(2 * TTL / 0.25)):
+        assert client.get(KEY) == token.encode()
+        pttls.append(client.pttl(KEY))
+        time.sleep(0.25)
+    assert min(pttls) > 0
+    assert any(later > earlier for earlier, later in zip(pttls, pttls[1:], strict=False))
+    assert guard.children() == [child]
+    assert guard.deadline() > time.monotonic()
+
+    guard.proc.send_signal(signal.SIGTERM)
+    assert guard.proc.wait(timeout=15) == 0
+    assert client.exists(KEY) == 0
+    assert not alive(child)
+    assert guard.deadline() == 0
+    assert "became leader" in guard.stderr()
+    assert redis_server.password not in guard.stderr()
+
+
+def test_stolen_or_deleted_lease_stops_beat_and_the_guard_leads_again_later(redis_server, fleet):
+    client = redis_server.client()
+    guard = fleet.start("a", redis_server.url)
+    first = wait_for_leader(client, guard)
+
+    client.set(KEY, "host=intruder pid=1 since=now", px=60_000)
+    assert wait_until(lambda: not alive(first), LOSS_BOUND)
+    assert wait_until(lambda: "lost leadership" in guard.stderr(), 2)
+    assert holds_for(lambda: not guard.children() and guard.proc.poll() is None, 1.0)
+    assert client.get(KEY) == b"host=intruder pid=1 since=now"
+
+    client.delete(KEY)  # the intruder is gone: the standby takes the lease again
+    second = wait_for_leader(client, guard)
+    assert second != first
+
+    client.delete(KEY)  # the lease expires under the leader
+    assert wait_until(lambda: not alive(second), LOSS_BOUND)
+    third = wait_for_leader(client, guard)
+    assert third not in (first, second)
+
+
+def test_frozen_leader_is_replaced_and_never_dispatches_after_resuming(redis_server, fleet):
+    client = redis_server.client()
+    old = fleet.start("old", redis_server.url)
+    old_child = wait_for_leader(client, old)
+    assert wait_until(lambda: fleet.ticks(old_child), 5)
+    new = fleet.start("new", redis_server.url)
+    assert wait_until(lambda: "standing by" in new.stderr(), 10)
+
+    # The whole "host" pauses: the supervisor and beat's process group.
+    os.kill(old.pid, signal.SIGSTOP)
+    os.killpg(old_child, signal.SIGSTOP)
+    frozen_at = time.monotonic()
+    try:
+        new_child = wait_for_leader(client, new, timeout=TTL + 5)
+        assert wait_until(lambda: fleet.ticks(new_child), 5)
+    finally:
+        # Resume beat first: the worst case, it runs before its supervisor can kill it.
+        os.killpg(old_child, signal.SIGCONT)
+        os.kill(old.pid, signal.SIGCONT)
+
+    assert wait_until(lambda: not alive(old_child), beat_guard.Settings.kill_grace.fget and 3.0)
+    assert wait_until(lambda: "lost leadership" in old.stderr(), 3)
+    assert max(fleet.ticks(old_child)) < frozen_at  # not a single dispatch after the freeze
+    first_new_tick = next(i for i, e in enumerate(fleet.events()) if e[:2] == ("tick", new_child))
+    assert all(e[1] != old_child for e in fleet.events()[first_new_tick:])
+    # The old leader is a standby again; the new one keeps leading.
+    assert holds_for(lambda: old.proc.poll() is None and not old.children(), 1.0)
+    assert holder(client) == new.pid
+    assert new.children() == [new_child]
+
+
+def test_redis_restart_never_leaves_two_beats_running(redis_server, fleet):
+    guards = [fleet.start("a", redis_server.url), fleet.start("b", redis_server.url)]
+    client = redis_server.client()
+    assert wait_until(lambda: holder(client) in {g.pid for g in guards} and len(fleet.children()) == 1, 10)
+    before = fleet.children()
+
+    samples: list[int] = []
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            samples.append(len(fleet.children()))
+            time.sleep(0.1)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        redis_server.stop()
+        redis_server.start()  # same port and password, no persistence: the lease key is gone
+        client = redis_server.client()
+        assert wait_until(
+            lambda: holder(client) in {g.pid for g in guards}
+            and len(kids := fleet.children()) == 1
+            and kids != before,
+            TTL + 10,
+        )
+        time.sleep(1.0)  # keep sampling a while after the takeover
+    finally:
+        done.set()
+        sampler.join(timeout=5)
+    assert samples
+    assert max(samples) <= 1
+    assert any("Redis restarted" in g.stderr() for g in guards)
+
+
+def test_clean_stop_hands_over_within_three_seconds(redis_server, fleet):
+    client = redis_server.client()
+    leader = fleet.start("a", redis_server.url)
+    wait_for_leader(client, leader)
+    standby = fleet.start("b", redis_server.url)
+    assert wait_until(lambda: "standing by" in standby.stderr(), 10)
+
+    stopped_at = time.monotonic()
+    leader.proc.send_signal(signal.SIGTERM)
+    assert wait_until(lambda: standby.children(), 5)
+    handover = time.monotonic() - stopped_at
+    assert handover < 3.0  # the product's promise: clean-stop handover <= 3 s
+    assert leader.proc.wait(timeout=10) == 0
+    assert holder(client) == standby.pid
+
+
+def test_paused_redis_stops_beat_before_the_lease_could_expire(redis_server, fleet):
+    client = redis_server.client()
+    guard = fleet.start("a", redis_server.url)
+    child = wait_for_leader(client, guard)
+    assert redis_server.proc is not None
+    os.kill(redis_server.proc.pid, signal.SIGSTOP)
+    paused_at = time.monotonic()
+    try:
+        assert wait_until(lambda: not alive(child), TTL + 3)
+        # The last renewal was sent before the pause, so beat must be gone before Redis could expire it.
+        assert time.monotonic() - paused_at < TTL
+        assert holds_for(lambda: not guard.children(), 1.0)
+        # A hung broker does not hang the supervisor: it still stops promptly.
+        guard.proc.send_signal(signal.SIGTERM)
+        assert guard.proc.wait(timeout=10) == 0
+    finally:
+        os.kill(redis_server.proc.pid, signal.SIGCONT)
+    assert max(fleet.ticks(child), default=0.0) < paused_at + TTL
+    assert "Redis unreachable while leading" in guard.stderr() or "deadline passed" in guard.stderr()
+
+
+def test_unreachable_redis_never_starts_beat(fleet):
+    password = secrets.token_hex(16)
+    guard = fleet.start("a", f"redis://:{password}@127.0.0.1:{closed_port()}/0")
+    assert wait_until(lambda: "unreachable" in guard.stderr(), 10)
+    assert holds_for(lambda: not guard.children() and guard.proc.poll() is None, 2.0)
+    assert fleet.events() == []
+    guard.proc.send_signal(signal.SIGTERM)
+    assert guard.proc.wait(timeout=10) == 0
+    stderr = guard.stderr()
+    assert "Redis unreachable: no beat runs on this host until the lease is held" in stderr
+    assert password not in stderr
+
+
+def test_renew_interval_of_half_the_ttl_or_more_is_refused(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(SRC), "CELERY_BROKER_URL": "redis://:pw@127.0.0.1:1/0"}
+    argv = [sys.executable, "-m", "celery_fleet.beat_guard", "--ttl", "4", "--renew-interval", "2"]
+    argv += ["--state-file", str(tmp_path / "lease"), "--", "celery", "beat"]
+    result = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=30, check=False)
+    assert result.returncode == 2
+    assert "--renew-interval must be > 0 and < --ttl/2" in result.stderr
+    assert not (tmp_path / "lease").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--renew-interval", "0", "--", "celery", "beat"], "--renew-interval must be > 0"),
+        (["--ttl", "1", "--renew-interval", "0.4", "--", "celery", "beat"], "--ttl must be at least"),
+        (["--poll-interval", "0", "--", "celery", "beat"], "--poll-interval must be > 0"),
+        ([], "give the beat command after --"),
+        (["--", "celery", "beat", "-S", "redbeat.RedBeatScheduler"], "do not pass --scheduler"),
+    ],
+)
+def test_invalid_settings_exit_2_with_a_message(monkeypatch, capsys, args, message):
+    monkeypatch.setenv("CELERY_BROKER_URL", "redis://:pw@127.0.0.1:1/0")
+    with pytest.raises(SystemExit) as exited:
+        beat_guard.main(args)
+    assert exited.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_missing_broker_url_exits_2_and_a_url_is_never_printed_with_its_password(monkeypatch, capsys):
+    monkeypatch.delenv("CELERY_BROKER_URL", raising=False)
+    with pytest.raises(SystemExit) as exited:
+        beat_guard.main(["--", "celery", "beat"])
+    assert exited.value.code == 2
+    assert "CELERY_BROKER_URL is not set" in capsys.readouterr().err
+    assert beat_guard.mask_url("redis://:s3cret@h:6379/0") == "redis://:***@h:6379/0"
+    assert beat_guard.mask_url("redis://u:s3cret@h/0") == "redis://u:***@h/0"
+
+
+class RecordingScheduler(beat.Scheduler):
+    """An inner scheduler that records what it would send instead of sending it."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.sent: list[str] = []
+
+    def apply_async(self, entry: Any, producer: Any = None, advance: bool = True, **kwargs: Any) -> Any:
+        self.sent.append(entry.name)
+        return entry.name
+
+
+def test_lease_scheduler_sends_only_before_the_deadline(tmp_path, monkeypatch, caplog):
+    lease = tmp_path / "lease"
+    monkeypatch.setenv(beat_guard.INNER_SCHEDULER_ENV, f"{__name__}:RecordingScheduler")
+    monkeypatch.setenv(beat_guard.LEASE_FILE_ENV, str(lease))
+    fenced = symbol_by_name(beat_guard.SCHEDULER_PATH)  # what `celery beat --scheduler` does
+    assert issubclass(fenced, RecordingScheduler)
+
+    app = Celery("fence-test", set_as_current=False)
+    scheduler = fenced(app=app, lazy=True)
+    entry = beat.ScheduleEntry(name="every-second", task="demo.tick", schedule=timedelta(seconds=1), app=app)
+
+    beat_guard.write_deadline(lease, time.monotonic() + 5)
+    assert scheduler.apply_async(entry) == "every-second"
+    assert scheduler.sent == ["every-second"]
+
+    for refused in ("past", "zero", "missing", "garbage"):
+        if refused == "past":
+            beat_guard.write_deadline(lease, time.monotonic() - 0.001)
+        elif refused == "zero":
+            beat_guard.write_deadline(lease, 0.0)
+        elif refused == "missing":
+            lease.unlink()
+        else:
+            lease.write_text("not a number")
+        with caplog.at_level("ERROR", logger="celery_fleet.beat_guard"):
+            assert scheduler.apply_async(entry) is None, refused
+            scheduler.apply_entry(entry)  # beat's own path to apply_async
+    assert scheduler.sent == ["every-second"]
+    assert "not sending every-second" in caplog.text
+
+
+def test_lease_scheduler_wraps_the_persistent_scheduler_by_default(monkeypatch):
+    monkeypatch.setenv(beat_guard.INNER_SCHEDULER_ENV, "")
+    assert issubclass(beat_guard.lease_scheduler_class(""), beat.PersistentScheduler)
+    assert issubclass(symbol_by_name(beat_guard.SCHEDULER_PATH), beat.PersistentScheduler)
