@@ -96,7 +96,9 @@ def _positive_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
-def _field_errors(where: str, entry: dict[str, Any], spec: dict[str, Any], defaults: dict[str, Any]) -> list[str]:
+def _field_errors(
+    where: str, entry: dict[str, Any], spec: dict[str, Any], defaults: dict[str, Any]
+) -> list[str]:
     """Problems in one entry's fields, its name aside."""
     errors = []
     queues = spec.get("queues")
