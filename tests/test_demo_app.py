@@ -118,9 +118,38 @@ def test_the_tick_schedule_is_aligned_to_the_clock():
 
     s = every(5)
     last = datetime.fromtimestamp(1000.2, tz=UTC)
-    s.now = lambda: datetime.fromtimestamp(1003.0, tz=UTC)
-    due, remaining = s.is_due(last)
-    assert not due and abs(remaining - 2.0) < 1e-6
-    s.now = lambda: datetime.fromtimestamp(1005.1, tz=UTC)
-    due, remaining = s.is_due(last)
-    assert due and abs(remaining - 4.9) < 1e-6
+
+    def at(t: float) -> tuple[bool, float]:
+        s.now = lambda: datetime.fromtimestamp(t, tz=UTC)
+        due, remaining = s.is_due(last)
+        return due, round(remaining, 6)
+
+    assert at(1003.0) == (False, 2.0)  # same slot as the last run
+    assert at(1005.1) == (True, 4.9)  # the next boundary, on time
+    assert at(1006.0) == (False, 4.0)  # started mid-slot: wait, do not catch up
+    assert at(1010.05) == (True, 4.95)
+
+
+def test_a_tick_records_when_it_was_dispatched_not_when_it_ran(worker_env, redis_server):
+    sent = time.time()
+    subprocess.run(
+        [sys.executable, "-c", "from demo_app.tasks import tick; tick.apply_async()"],
+        env=worker_env,
+        check=True,
+        timeout=60,
+        capture_output=True,
+    )
+    time.sleep(1.5)  # queued with no worker: it runs late
+    worker = start_worker(worker_env, "low", "low_priority")
+    try:
+        client = redis_server.client()
+        deadline = time.monotonic() + 30
+        while not client.llen("demo:ticks") and time.monotonic() < deadline:
+            time.sleep(0.1)
+        [line] = client.lrange("demo:ticks", 0, -1)
+        dispatched, _, node, ran = line.decode().split()
+        assert node == "low@test"
+        assert sent <= float(dispatched) < sent + 1.0
+        assert float(ran) - float(dispatched) >= 1.5
+    finally:
+        stop(worker)

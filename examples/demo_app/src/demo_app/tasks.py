@@ -9,10 +9,19 @@ import time
 from typing import Any
 
 import redis
+from celery.signals import before_task_publish
 
 from demo_app.celery import app
 
 TICKS_KEY = "demo:ticks"
+DISPATCHED_AT = "demo_dispatched_at"
+
+
+@before_task_publish.connect(sender="demo_app.tasks.tick")
+def _stamp_dispatch_time(headers: dict[str, Any] | None = None, **_: Any) -> None:
+    """Stamp the tick's message when beat sends it: its slot is decided then, not when a worker runs it."""
+    if headers is not None:
+        headers[DISPATCHED_AT] = time.time()
 
 
 def _where(task: Any) -> dict[str, Any]:
@@ -76,15 +85,17 @@ def sleep(self: Any, seconds: float) -> dict[str, Any]:
 def tick(self: Any) -> dict[str, Any]:
     """The periodic task beat dispatches; a checker of duplicate and missing ticks.
 
-    Every run is recorded in Redis as ``<time> <task id> <worker>``. The
-    schedule is aligned to the clock, so the slot of a run is
-    ``floor(time / DEMO_TICK_SECONDS)``: two runs in one slot mean two beats
-    dispatched it.
+    Every run is recorded in Redis as ``<dispatch time> <task id> <worker>
+    <run time>``. The schedule is aligned to the clock, so the slot of a
+    dispatch is ``floor(dispatch time / DEMO_TICK_SECONDS)``: two dispatches in
+    one slot mean two beats sent it.
     """
     where = _where(self)
+    now = time.time()
+    dispatched = float(self.request.get(DISPATCHED_AT) or now)
     client = redis.Redis.from_url(app.conf.broker_url, socket_timeout=5, socket_connect_timeout=5)
     try:
-        client.rpush(TICKS_KEY, f"{time.time():.3f} {self.request.id} {where['worker']}")
+        client.rpush(TICKS_KEY, f"{dispatched:.3f} {self.request.id} {where['worker']} {now:.3f}")
         client.ltrim(TICKS_KEY, -5000, -1)
     finally:
         client.close()
