@@ -17,6 +17,11 @@ dispatch a due task in the instant before the supervisor kills it. So the deadli
 ``--state-file`` as a ``CLOCK_MONOTONIC`` value, which is system-wide on Linux, and beat runs with
 :data:`LeaseScheduler`, a fence around the real scheduler that refuses to send anything once
 ``time.monotonic()`` reaches that deadline.
+
+A Redis that restarts without its data (or a replica promoted in its place) forgets the lease while
+the old leader still believes in it until its deadline. A standby therefore does not try to lead for
+one TTL after it sees a new server ``run_id``, nor while a server it meets for the first time has
+been up for less than one TTL.
 """
 
 from __future__ import annotations
@@ -427,31 +432,50 @@ class Supervisor:
         return None
 
     def _may_try_to_lead(self) -> bool:
-        """False while Redis is unreachable, or for one TTL after it restarted or failed over.
+        """False while Redis is unreachable, or while it may have lost a lease that is still in use.
 
-        A Redis that lost its data also lost the lease key, but the previous leader may still believe in
-        its lease until its deadline; one TTL after noticing the new ``run_id`` that deadline has passed.
+        A Redis that restarted without its data, or a replica promoted in its place, no longer has the
+        lease key, yet the previous leader believes in its lease until its deadline, which is less than
+        one TTL after the old server last answered. So a standby waits one TTL after seeing a new
+        ``run_id``, and, when it meets a server for the first time (it may have just started itself),
+        until that server has been up for one TTL.
         """
-        if self.info_allowed:
-            try:
-                run_id = str(self.client.info("server").get("run_id", ""))
-            except NoPermissionError as exc:
-                LOG.warning("cannot read INFO (%s): Redis restarts will not be detected", exc)
-                self.info_allowed = False
-            except RedisError as exc:
-                self._note_unreachable(exc)
-                return False
-            else:
-                self._note_reachable()
-                if self.run_id is not None and run_id != self.run_id:
-                    self.quarantine_until = time.monotonic() + self.settings.ttl
-                    LOG.warning(
-                        "Redis restarted or failed over (new run_id): waiting %gs, one lease TTL, before "
-                        "trying to lead, so that a leader from before has surely stopped",
-                        self.settings.ttl,
-                    )
-                self.run_id = run_id
+        if not self.info_allowed:
+            return True
+        try:
+            info = self.client.info("server")
+        except NoPermissionError as exc:
+            LOG.warning("cannot read INFO (%s): Redis restarts will not be detected", exc)
+            self.info_allowed = False
+            return True
+        except RedisError as exc:
+            self._note_unreachable(exc)
+            return False
+        self._note_reachable()
+        run_id = str(info.get("run_id", ""))
+        if run_id != self.run_id:
+            uptime = int(info.get("uptime_in_seconds", 0))
+            self._quarantine_new_server(uptime, restarted=self.run_id is not None)
+            self.run_id = run_id
         return time.monotonic() >= self.quarantine_until
+
+    def _quarantine_new_server(self, uptime: int, restarted: bool) -> None:
+        """Hold off leading until no lease granted by a previous server can still be in use.
+
+        ``uptime`` counts whole seconds, so the server has been up for more than ``uptime - 1`` s.
+        """
+        ttl = self.settings.ttl
+        wait = max(ttl if restarted else 0.0, ttl - max(0, uptime - 1))
+        if wait <= 0:
+            return
+        self.quarantine_until = max(self.quarantine_until, time.monotonic() + wait)
+        LOG.warning(
+            "%s (up %ds): waiting %gs before trying to lead, so that a leader holding a lease from a "
+            "previous Redis server has surely stopped",
+            "Redis restarted or failed over (new run_id)" if restarted else "Redis started recently",
+            uptime,
+            wait,
+        )
 
     def _try_to_lead(self) -> int | None:
         token = holder_token()

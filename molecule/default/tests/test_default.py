@@ -128,6 +128,14 @@ def test_secret_files_are_root_only(host, path):
     assert f.mode in (0o600, 0o640), oct(f.mode)
 
 
+def test_every_fleet_unit_starts_at_boot_with_the_fleet_target(host, hostvars):
+    assert host.service("celery.target").is_enabled
+    wanted = host.run("systemctl show -p Wants --value celery.target").stdout.split()
+    units = [f"celery-worker@{w['name']}.service" for w in hostvars["celery_workers"]]
+    for unit in [*units, "celery-beat.service", "flower.service"]:
+        assert unit in wanted, f"{unit} would not start at boot"
+
+
 def test_every_unit_the_project_writes_verifies_clean(host, hostvars):
     units = [f"celery-worker@{w['name']}.service" for w in hostvars["celery_workers"]]
     units += ["celery-beat.service", "flower.service", "celery.target", "redis-server.service"]
