@@ -169,21 +169,32 @@ class Fleet:
         return [pid for kids in found.values() for pid in kids]
 
     def cleanup(self) -> None:
-        """Kill every supervisor and every fake beat they started, stopped ones included."""
+        """Kill every supervisor and every fake beat they started, stopped ones included.
+
+        Fake beats are found by their script path, unique to this test, so that one spawned just
+        before teardown, which has not logged its start yet, is not left behind.
+        """
         for guard in self.guards:
             if guard.proc.poll() is None:
                 os.kill(guard.pid, signal.SIGCONT)
                 guard.proc.kill()
             guard.proc.wait(timeout=10)
-        for pid in {p for kind, p, _ in self.events() if kind == "start"}:
-            try:
-                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-            except OSError:
-                continue
-            if str(self.script).encode() in cmdline:
+        for _ in range(2):  # a second pass catches a child that was between fork and exec
+            for pid in self.fake_beats():
                 for sig in (signal.SIGCONT, signal.SIGKILL):
                     with contextlib.suppress(ProcessLookupError):
                         os.killpg(pid, sig)
+            time.sleep(0.1)
+
+    def fake_beats(self) -> list[int]:
+        marker = str(self.script).encode()
+        pids = []
+        for entry in os.listdir("/proc"):
+            if entry.isdigit() and alive(int(entry)):
+                with contextlib.suppress(OSError):
+                    if marker in Path(f"/proc/{entry}/cmdline").read_bytes():
+                        pids.append(int(entry))
+        return pids
 
 
 @pytest.fixture
