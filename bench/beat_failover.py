@@ -54,11 +54,28 @@ class Candidate:
 
     def start(self) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "celery_fleet.beat_guard", f"--ttl={self.ttl}",
-             f"--renew-interval={self.renew}", "--poll-interval=1", f"--state-file={self.dir}/lease", "--",
-             sys.executable, "-m", "celery", "--app", "demo_app", "beat",
-             f"--schedule={self.dir}/schedule", "--pidfile=", "--loglevel=WARNING"],
-            env=self.env, start_new_session=True, stderr=open(self.dir / "log", "ab"),  # noqa: SIM115
+            [
+                sys.executable,
+                "-m",
+                "celery_fleet.beat_guard",
+                f"--ttl={self.ttl}",
+                f"--renew-interval={self.renew}",
+                "--poll-interval=1",
+                f"--state-file={self.dir}/lease",
+                "--",
+                sys.executable,
+                "-m",
+                "celery",
+                "--app",
+                "demo_app",
+                "beat",
+                f"--schedule={self.dir}/schedule",
+                "--pidfile=",
+                "--loglevel=WARNING",
+            ],
+            env=self.env,
+            start_new_session=True,
+            stderr=open(self.dir / "log", "ab"),  # noqa: SIM115
         )
 
     def hard_kill(self) -> None:
@@ -112,9 +129,21 @@ def main() -> int:
             "DEMO_TICK_SECONDS": str(TICK_SECONDS),
         }
         worker = subprocess.Popen(
-            [sys.executable, "-m", "celery", "--app", "demo_app", "worker", "--queues=low_priority",
-             "--pool=solo", "--hostname=ticks@bench", "--loglevel=WARNING"],
-            env=env, stderr=subprocess.DEVNULL, start_new_session=True,
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "--app",
+                "demo_app",
+                "worker",
+                "--queues=low_priority",
+                "--pool=solo",
+                "--hostname=ticks@bench",
+                "--loglevel=WARNING",
+            ],
+            env=env,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
         )
         candidates = [Candidate(n, workdir, env, args.ttl, args.renew) for n in ("a", "b")]
         results: dict[str, list[dict[str, float]]] = {"hard_kill": [], "clean_stop": []}
