@@ -29,7 +29,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
-from conftest import RedisServer  # noqa: E402 -- the tests' real redis-server harness
+from conftest import RedisServer, demo_env, start_demo_worker  # noqa: E402 -- the tests' real harness
 
 LOCK_KEY = "celery-fleet:beat-leader"
 TICK_SECONDS = 1.0
@@ -41,6 +41,13 @@ def children(pid: int) -> list[int]:
     except OSError:
         return []
     return [int(p) for p in text.split()]
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1].startswith("Z")
+    except OSError:
+        return True
 
 
 class Candidate:
@@ -85,6 +92,8 @@ class Candidate:
         for pid in beats:
             os.killpg(pid, signal.SIGKILL)
         self.proc.wait(timeout=10)
+        for pid in beats:  # a crashed host leaves no beat behind
+            wait_for(lambda p=pid: not Path(f"/proc/{p}").exists() or _zombie(p), 5)
 
     def clean_stop(self) -> None:
         assert self.proc is not None
@@ -109,6 +118,40 @@ def tick_times(client) -> list[float]:
     return sorted(float(line.split()[0]) for line in client.lrange("demo:ticks", 0, -1))
 
 
+def summarize(
+    args: argparse.Namespace,
+    results: dict[str, list[dict[str, float]]],
+    windows: list[tuple[float, float]],
+    times: list[float],
+) -> dict[str, object]:
+    """Failover figures, and duplicate and missing tick slots over the run."""
+    slots = [math.floor(t / TICK_SECONDS) for t in times]
+    missing = set(range(slots[0], slots[-1] + 1)) - set(slots)
+
+    def in_failover(slot: int) -> bool:
+        start = slot * TICK_SECONDS
+        return any(fault - TICK_SECONDS < start < first_tick for fault, first_tick in windows)
+
+    return {
+        "date": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "ttl_s": args.ttl,
+        "renew_s": args.renew,
+        "tick_s": TICK_SECONDS,
+        "failovers": len(results["hard_kill"]) + len(results["clean_stop"]),
+        "hard_kill_lease_s_max": round(max(r["lease_s"] for r in results["hard_kill"]), 2),
+        "hard_kill_first_tick_s_max": round(max(r["first_tick_s"] for r in results["hard_kill"]), 2),
+        "clean_stop_lease_s_max": round(max(r["lease_s"] for r in results["clean_stop"]), 2),
+        "clean_stop_first_tick_s_max": round(max(r["first_tick_s"] for r in results["clean_stop"]), 2),
+        "clean_stop_lease_s_median": round(statistics.median(r["lease_s"] for r in results["clean_stop"]), 2),
+        "rounds": {k: [{m: round(v, 2) for m, v in r.items()} for r in rs] for k, rs in results.items()},
+        "ticks": len(times),
+        "duplicate_ticks": len(slots) - len(set(slots)),
+        "missing_ticks_in_failovers": len([m for m in missing if in_failover(m)]),
+        "missing_ticks_elsewhere": len([m for m in missing if not in_failover(m)]),
+        "machine": f"{os.cpu_count()} cores",
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3, help="failovers of each kind")
@@ -121,32 +164,13 @@ def main() -> int:
         server = RedisServer(workdir)
         server.start()
         client = server.client()
-        env = {
-            **os.environ,
-            "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT / "examples/demo_app/src")]),
-            "CELERY_BROKER_URL": server.url,
-            "CELERY_RESULT_BACKEND": server.url.removesuffix("/0") + "/1",
-            "DEMO_TICK_SECONDS": str(TICK_SECONDS),
-        }
-        worker = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "celery",
-                "--app",
-                "demo_app",
-                "worker",
-                "--queues=low_priority",
-                "--pool=solo",
-                "--hostname=ticks@bench",
-                "--loglevel=WARNING",
-            ],
-            env=env,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
+        env = demo_env(server, DEMO_TICK_SECONDS=str(TICK_SECONDS))
+        worker = start_demo_worker(
+            env, "ticks@bench", "low_priority", stderr=subprocess.DEVNULL, start_new_session=True
         )
         candidates = [Candidate(n, workdir, env, args.ttl, args.renew) for n in ("a", "b")]
         results: dict[str, list[dict[str, float]]] = {"hard_kill": [], "clean_stop": []}
+        windows: list[tuple[float, float]] = []  # from each fault to the new leader's first tick
         try:
             for c in candidates:
                 c.start()
@@ -164,6 +188,7 @@ def main() -> int:
                 wait_for(lambda f=fault: any(t > f for t in tick_times(client)), args.ttl + 30, 0.1)
                 first_tick = min(t for t in tick_times(client) if t > fault)
                 results[kind].append({"lease_s": leased - fault, "first_tick_s": first_tick - fault})
+                windows.append((fault, first_tick))
                 leader.start()
                 time.sleep(5)
             finished = time.time()
@@ -176,24 +201,7 @@ def main() -> int:
             times = [t for t in tick_times(client) if started <= t <= finished]
             server.stop()
 
-    slots = [math.floor(t / TICK_SECONDS) for t in times]
-    expected = set(range(slots[0], slots[-1] + 1))
-    line = {
-        "date": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "ttl_s": args.ttl,
-        "renew_s": args.renew,
-        "tick_s": TICK_SECONDS,
-        "failovers": len(results["hard_kill"]) + len(results["clean_stop"]),
-        "hard_kill_lease_s_max": round(max(r["lease_s"] for r in results["hard_kill"]), 2),
-        "hard_kill_first_tick_s_max": round(max(r["first_tick_s"] for r in results["hard_kill"]), 2),
-        "clean_stop_lease_s_max": round(max(r["lease_s"] for r in results["clean_stop"]), 2),
-        "clean_stop_first_tick_s_max": round(max(r["first_tick_s"] for r in results["clean_stop"]), 2),
-        "clean_stop_lease_s_median": round(statistics.median(r["lease_s"] for r in results["clean_stop"]), 2),
-        "ticks": len(times),
-        "duplicate_ticks": len(slots) - len(set(slots)),
-        "missing_ticks": len(expected - set(slots)),
-        "machine": f"{os.cpu_count()} cores",
-    }
+    line = summarize(args, results, windows, times)
     out = ROOT / "bench" / "results" / "beat_failover.jsonl"
     with out.open("a") as f:
         f.write(json.dumps(line) + "\n")

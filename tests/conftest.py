@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import secrets
 import shutil
 import socket
@@ -75,6 +76,30 @@ class RedisServer:
             self.proc.terminate()
             self.proc.wait(timeout=10)
             self.proc = None
+
+
+def demo_env(server: RedisServer, **extra: str) -> dict[str, str]:
+    """The environment a fleet unit gets: the demo app importable, broker and results on ``server``."""
+    return {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT / "examples" / "demo_app" / "src"), str(ROOT / "src")]),
+        "CELERY_BROKER_URL": server.url,
+        "CELERY_RESULT_BACKEND": server.url.removesuffix("/0") + "/1",
+        **extra,
+    }
+
+
+def start_demo_worker(env: dict[str, str], node: str, queues: str, **popen: object) -> subprocess.Popen:
+    """A real solo-pool Celery worker of the demo app, consuming exactly ``queues``."""
+    argv = [sys.executable, "-m", "celery", "--app", "demo_app", "worker", f"--hostname={node}"]
+    argv += [
+        f"--queues={queues}",
+        "--pool=solo",
+        "--without-mingle",
+        "--without-gossip",
+        "--loglevel=WARNING",
+    ]
+    return subprocess.Popen(argv, env=env, **popen)  # type: ignore[call-overload]
 
 
 @pytest.fixture

@@ -2,50 +2,22 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
 import time
 
 import pytest
-from conftest import ROOT
-
-PYTHONPATH = os.pathsep.join([str(ROOT / "examples" / "demo_app" / "src"), str(ROOT / "src")])
+from conftest import ROOT, demo_env, start_demo_worker
 
 
 @pytest.fixture
 def worker_env(redis_server):
-    return {
-        **os.environ,
-        "PYTHONPATH": PYTHONPATH,
-        "CELERY_BROKER_URL": redis_server.url,
-        "CELERY_RESULT_BACKEND": redis_server.url.removesuffix("/0") + "/1",
-    }
+    return demo_env(redis_server)
 
 
 def start_worker(env, name: str, queues: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "celery",
-            "--app",
-            "demo_app",
-            "worker",
-            "--hostname",
-            f"{name}@test",
-            "--queues",
-            queues,
-            "--pool",
-            "solo",
-            "--without-mingle",
-            "--without-gossip",
-            "--loglevel",
-            "WARNING",
-        ],
-        env=env,
-    )
+    return start_demo_worker(env, f"{name}@test", queues)
 
 
 def stop(proc: subprocess.Popen) -> None:
