@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from celery_fleet import status
+from celery_fleet.envfile import read_env_file
 
 
 def test_env_files_parse_like_systemd_reads_them():
     text = '# comment\n\nCELERY_APP=demo_app\nCELERY_WORKER_ARGS="--queues=a,b --pool=solo"\n; other\n'
-    assert status.read_env_file(text) == {
+    assert read_env_file(text) == {
         "CELERY_APP": "demo_app",
         "CELERY_WORKER_ARGS": "--queues=a,b --pool=solo",
     }
@@ -33,3 +34,9 @@ def test_units_are_joined_with_the_workers_answers():
     assert rows[1]["answered"] is False
     assert rows[1]["queues"] is None
     assert rows[2]["node"] is None
+
+
+def test_the_beat_unit_says_whether_it_leads():
+    units = [{"unit": "celery-beat.service", "active": "active", "sub": "running"}]
+    assert status.summarize(units, "h", {}, {}, beat_leads=True)[0]["beat"] == "leader"
+    assert status.summarize(units, "h", {}, {}, beat_leads=False)[0]["beat"] == "standby"

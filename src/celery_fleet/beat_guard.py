@@ -51,7 +51,7 @@ from redis.exceptions import LockNotOwnedError, NoPermissionError, RedisError
 from redis.lock import Lock
 from redis.retry import Retry
 
-from celery_fleet.status import read_env_file
+from celery_fleet.envfile import read_env_file
 
 LOG = logging.getLogger("celery_fleet.beat_guard")
 

@@ -11,30 +11,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
 import socket
 import subprocess
 import sys
+import time
 from typing import Any
+
+from celery_fleet.beat_guard import DEFAULT_STATE_FILE, read_deadline
+from celery_fleet.envfile import read_env_file
 
 UNIT_PATTERNS = ("celery-worker@*.service", "celery-beat.service", "flower.service")
 WORKER_PREFIX = "celery-worker@"
 
 
 DEFAULT_ENV_FILES = ("/etc/celery-fleet/celery.env", "/etc/celery-fleet/broker.env")
-
-
-def read_env_file(text: str) -> dict[str, str]:
-    """Parse a systemd EnvironmentFile: KEY=VALUE lines, comments, optional quotes."""
-    env = {}
-    for raw in text.splitlines():
-        line = raw.strip()
-        if not line or line.startswith(("#", ";")) or "=" not in line:
-            continue
-        key, value = line.split("=", 1)
-        words = shlex.split(value) if value else [""]
-        env[key.strip()] = " ".join(words)
-    return env
 
 
 def list_units() -> list[dict[str, str]]:
@@ -65,12 +55,15 @@ def summarize(
     hostname: str,
     queues: dict[str, list[dict[str, Any]]],
     stats: dict[str, dict[str, Any]],
+    beat_leads: bool = False,
 ) -> list[dict[str, Any]]:
-    """Join unit states with the workers' own answers."""
+    """Join unit states with the workers' own answers, and the beat unit with its lease."""
     rows = []
     for unit in units:
         node = node_name(unit["unit"], hostname)
         row: dict[str, Any] = {**unit, "node": node, "queues": None, "tasks_done": None}
+        if unit["unit"] == "celery-beat.service":
+            row["beat"] = "leader" if beat_leads and unit["active"] == "active" else "standby"
         if node is not None:
             row["answered"] = node in queues
             if node in queues:
@@ -110,7 +103,9 @@ def main(argv: list[str] | None = None) -> int:
             stats = inspector.stats() or {}
         finally:
             app.close()
-    json.dump({"host": hostname, "units": summarize(units, hostname, queues, stats)}, sys.stdout)
+    # The lease deadline the beat supervisor publishes: ahead of now only on the leader.
+    beat_leads = time.monotonic() < read_deadline(DEFAULT_STATE_FILE)
+    json.dump({"host": hostname, "units": summarize(units, hostname, queues, stats, beat_leads)}, sys.stdout)
     sys.stdout.write("\n")
     return 0
 
