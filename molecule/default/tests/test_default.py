@@ -142,3 +142,16 @@ def test_every_unit_the_project_writes_verifies_clean(host, hostvars):
     result = host.run(f"cd /tmp && systemd-analyze verify --man=no {' '.join(units)}")
     assert result.rc == 0
     assert result.stdout + result.stderr == ""
+
+
+@pytest.mark.parametrize(("unit", "bar"), [("celery-beat.service", 1.5), ("flower.service", 2.0)])
+def test_service_exposure_is_under_its_bar(host, unit, bar):
+    out = host.run(f"systemd-analyze security --no-pager {unit} | tail -1").stdout
+    assert float(out.split("service:")[1].split()[0]) <= bar, out
+
+
+def test_cpu_worker_exposure_is_under_its_bar(host, hostvars):
+    for worker in hostvars["celery_workers"]:
+        unit = f"celery-worker@{worker['name']}.service"
+        out = host.run(f"systemd-analyze security --no-pager {unit} | tail -1").stdout
+        assert float(out.split("service:")[1].split()[0]) <= 2.0, out
