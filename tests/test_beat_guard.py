@@ -27,6 +27,7 @@ from typing import Any
 import pytest
 import redis
 from celery import Celery, beat
+from conftest import free_port
 from kombu.utils.imports import symbol_by_name
 
 from celery_fleet import beat_guard
@@ -96,12 +97,6 @@ def live_children(*parents: int) -> dict[int, list[int]]:
         if state is not None and state[1] in found and state[0] not in "ZX":
             found[state[1]].append(int(entry))
     return found
-
-
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Guard:
@@ -394,7 +389,7 @@ def test_beat_exiting_by_itself_releases_the_lease_and_fails_the_unit(redis_serv
 
 def test_unreachable_redis_never_starts_beat(fleet):
     password = secrets.token_hex(16)
-    guard = fleet.start("a", f"redis://:{password}@127.0.0.1:{closed_port()}/0")
+    guard = fleet.start("a", f"redis://:{password}@127.0.0.1:{free_port()}/0")
     assert wait_until(lambda: "unreachable" in guard.stderr(), 10)
     assert holds_for(lambda: not guard.children() and guard.proc.poll() is None, 2.0)
     assert fleet.events() == []

@@ -18,6 +18,12 @@ def fleet_json(host, command: str):
     return json.loads(result.stdout)
 
 
+def exposure(host, unit: str) -> float:
+    """The unit's overall `systemd-analyze security` exposure score."""
+    out = host.run(f"systemd-analyze security --no-pager {unit} | tail -1").stdout
+    return float(out.split("service:")[1].split()[0])
+
+
 def journal(host, unit: str) -> str:
     return host.run(f"journalctl -u {unit} -n 40 --no-pager").stdout
 

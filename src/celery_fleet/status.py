@@ -3,7 +3,7 @@
 ``celery-fleet-status`` lists every unit the fleet owns on this host with its
 systemd state and, for each worker unit, asks that very worker (by node name)
 which queues it consumes and how many tasks it has completed. It prints JSON
-for ``playbooks/status.yml`` and ``playbooks/verify.yml`` to aggregate.
+for ``playbooks/status.yml`` to aggregate into the fleet's status table.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 import pytest
-from fleet_testing import VENV, fleet_json, journal
+from fleet_testing import VENV, exposure, fleet_json, journal
 
 SECRET_FILES = {
     "/etc/celery-fleet/broker.env": ("root", "root"),
@@ -146,12 +146,10 @@ def test_every_unit_the_project_writes_verifies_clean(host, hostvars):
 
 @pytest.mark.parametrize(("unit", "bar"), [("celery-beat.service", 1.5), ("flower.service", 2.0)])
 def test_service_exposure_is_under_its_bar(host, unit, bar):
-    out = host.run(f"systemd-analyze security --no-pager {unit} | tail -1").stdout
-    assert float(out.split("service:")[1].split()[0]) <= bar, out
+    assert exposure(host, unit) <= bar
 
 
 def test_cpu_worker_exposure_is_under_its_bar(host, hostvars):
     for worker in hostvars["celery_workers"]:
         unit = f"celery-worker@{worker['name']}.service"
-        out = host.run(f"systemd-analyze security --no-pager {unit} | tail -1").stdout
-        assert float(out.split("service:")[1].split()[0]) <= 2.0, out
+        assert exposure(host, unit) <= 2.0, unit
