@@ -82,30 +82,6 @@ def test_duplicate_names_are_refused():
     ]
 
 
-def test_removed_instances_and_their_files_are_found():
-    found = [
-        "/etc/celery-fleet/workers/keep.env",
-        "/etc/celery-fleet/workers/old.env",
-        "/etc/systemd/system/celery-worker@keep.service.d",
-        "/etc/systemd/system/celery-worker@old.service.d",
-        "/etc/systemd/system/celery-worker@gone.service.d",
-    ]
-    stale = plugin.celery_worker_stale(found, ["keep"])
-    assert stale["instances"] == ["gone", "old"]
-    assert stale["paths"] == [
-        "/etc/celery-fleet/workers/old.env",
-        "/etc/systemd/system/celery-worker@gone.service.d",
-        "/etc/systemd/system/celery-worker@old.service.d",
-    ]
-
-
-def test_the_shared_template_drop_in_directory_is_never_stale():
-    assert plugin.celery_worker_stale(["/etc/systemd/system/celery-worker@.service.d"], []) == {
-        "instances": [],
-        "paths": [],
-    }
-
-
 @pytest.mark.parametrize("flag", ["-B", "--beat"])
 def test_beat_embedded_in_a_worker_is_refused(flag):
     [error] = plugin.celery_worker_errors([{"name": "a", "queues": ["x"], "extra_args": [flag]}], DEFAULTS)

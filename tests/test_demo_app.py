@@ -125,3 +125,49 @@ def test_a_tick_records_when_it_was_dispatched_not_when_it_ran(worker_env, redis
         assert float(ran) - float(dispatched) >= 1.5
     finally:
         stop(worker)
+
+
+def test_hog_makes_its_memory_resident():
+    """hog(mb) really holds mb MiB: its process's peak resident size rises that far above where it was."""
+    code = (
+        "import resource, json, re\n"
+        "from demo_app.tasks import hog\n"
+        "status = open('/proc/self/status').read()\n"
+        "before = int(re.search(r'VmRSS:\\s+(\\d+)', status).group(1))\n"
+        "result = hog.run(96)\n"
+        "after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "print(json.dumps({'grew_kib': after - before, **result}))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env={"PYTHONPATH": str(ROOT / "examples" / "demo_app" / "src"), "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    import json  # noqa: PLC0415
+
+    got = json.loads(out.stdout)
+    assert got["allocated_mb"] == 96
+    # An untouched allocation would not be resident at all; allow for pages the heap already held.
+    assert got["grew_kib"] >= 0.9 * 96 * 1024
+
+
+def test_gpu_probe_reports_pinning_threads_affinity_and_device_errors(monkeypatch, tmp_path):
+    import os  # noqa: PLC0415
+
+    from demo_app.tasks import gpu_probe  # noqa: PLC0415
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-1234")
+    monkeypatch.setenv("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    monkeypatch.delenv("MKL_NUM_THREADS", raising=False)
+    missing = tmp_path / "nvidia9"
+    got = gpu_probe.run([os.devnull, str(missing), str(tmp_path)])
+    assert got["devices"] == {os.devnull: "ok", str(missing): "ENOENT", str(tmp_path): "EISDIR"}
+    assert (got["cuda_visible_devices"], got["cuda_device_order"]) == ("GPU-1234", "PCI_BUS_ID")
+    assert got["threads"]["OMP_NUM_THREADS"] == "3"
+    assert "MKL_NUM_THREADS" not in got["threads"]
+    assert got["cpu_affinity"] == sorted(os.sched_getaffinity(0))
+    assert got["pid"] == os.getpid()

@@ -301,29 +301,6 @@ def celery_worker_instances(
     return instances
 
 
-def _instance_of(path: str) -> str | None:
-    base = path.rstrip("/").rsplit("/", 1)[-1]
-    if base.startswith("celery-worker@") and base.endswith(".service.d"):
-        return base[len("celery-worker@") : -len(".service.d")] or None
-    if base.endswith(".env"):
-        return base[: -len(".env")]
-    return None
-
-
-def celery_worker_stale(paths: list[str], names: list[str]) -> dict[str, list[str]]:
-    """Split found instance files into those of instances no longer in the inventory.
-
-    ``paths`` are instance environment files (``<instance>.env``) and drop-in
-    directories (``celery-worker@<instance>.service.d``).
-    """
-    keep = set(names)
-    stale = [p for p in paths if _instance_of(p) is not None and _instance_of(p) not in keep]
-    return {
-        "instances": sorted({i for i in map(_instance_of, stale) if i is not None}),
-        "paths": sorted(stale),
-    }
-
-
 def celery_worker_not_running(services: dict[str, Any], names: list[str]) -> list[str]:
     """The instances in ``names`` that ``service_facts`` does not report as running, in order."""
     running = {
@@ -551,6 +528,5 @@ class FilterModule:
         return {
             "celery_worker_instances": celery_worker_instances,
             "celery_worker_errors": celery_worker_errors,
-            "celery_worker_stale": celery_worker_stale,
             "celery_worker_not_running": celery_worker_not_running,
         }

@@ -1,4 +1,4 @@
-"""The Celery application: queues, routes and reliability settings."""
+"""The Celery application: queues, routes and reliability settings of the active profile."""
 
 from __future__ import annotations
 
@@ -7,33 +7,22 @@ import os
 from celery import Celery
 from kombu import Queue
 
+from demo_app.delivery import DeliveryCappedTask
+from demo_app.profiles import active_profile
 from demo_app.schedules import every
 
-# The queues mirror a typical ML backend: quick API work, dataset ingestion,
-# CPU preprocessing, GPU training and extraction, and background maintenance.
-QUEUES = (
-    "high_priority",
-    "datasets",
-    "processing",
-    "training",
-    "extraction",
-    "low_priority",
-)
+# The queues and routes of one of the seed apps (DEMO_PROFILE; see profiles.py).
+PROFILE = active_profile()
+QUEUES = PROFILE.queues
 
-app = Celery("demo_app", include=["demo_app.tasks"])
+# Every task is capped: acks_late + reject_on_worker_lost requeue a task whose
+# process was killed, and one that is killed every time must not loop forever.
+app = Celery("demo_app", include=["demo_app.tasks"], task_cls=DeliveryCappedTask)
 
 app.conf.update(
     task_queues=[Queue(name) for name in QUEUES],
-    task_default_queue="high_priority",
-    task_routes={
-        "demo_app.tasks.ping": {"queue": "high_priority"},
-        "demo_app.tasks.download_dataset": {"queue": "datasets"},
-        "demo_app.tasks.tokenize": {"queue": "processing"},
-        "demo_app.tasks.train": {"queue": "training"},
-        "demo_app.tasks.extract_features": {"queue": "extraction"},
-        "demo_app.tasks.cleanup": {"queue": "low_priority"},
-        "demo_app.tasks.tick": {"queue": "low_priority"},
-    },
+    task_default_queue=PROFILE.default_queue,
+    task_routes={task: {"queue": queue} for task, queue in PROFILE.routes.items()},
     # A task is acknowledged only once it has finished, and handed back to the
     # queue if its worker process dies, so a crash never silently drops work.
     task_acks_late=True,
@@ -56,3 +45,4 @@ app.conf.update(
         },
     },
 )
+app.conf.update(PROFILE.config)

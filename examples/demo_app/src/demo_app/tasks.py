@@ -2,19 +2,38 @@
 
 from __future__ import annotations
 
+import errno
+import glob
 import hashlib
 import os
+import signal
 import socket
 import time
-from typing import Any
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, NoReturn
 
 import redis
 from celery.signals import before_task_publish
 
-from demo_app.celery import app
+from demo_app.celery import PROFILE, app
 
 TICKS_KEY = "demo:ticks"
+RUNS_KEY = "demo:runs"
+CRASHES_KEY = "demo:crashes"
 DISPATCHED_AT = "demo_dispatched_at"
+MIB = 1024 * 1024
+PAGE = 4096
+# Thread-pool sizes of numeric libraries, as the unit's environment sets them.
+THREAD_VARS = (
+    "OMP_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "OPENBLAS_NUM_THREADS",
+    "NUMEXPR_NUM_THREADS",
+    "NUMEXPR_MAX_THREADS",
+    "VECLIB_MAXIMUM_THREADS",
+    "RAYON_NUM_THREADS",
+)
 
 
 @before_task_publish.connect(sender="demo_app.tasks.tick")
@@ -33,6 +52,16 @@ def _where(task: Any) -> dict[str, Any]:
         "pid": os.getpid(),
         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
     }
+
+
+@contextmanager
+def _broker_redis() -> Iterator[redis.Redis]:
+    """A short-lived client of the broker's Redis; timeouts, so a paused broker cannot hang a task."""
+    client = redis.Redis.from_url(app.conf.broker_url, socket_timeout=5, socket_connect_timeout=5)
+    try:
+        yield client
+    finally:
+        client.close()
 
 
 def _digest(data: bytes, rounds: int) -> str:
@@ -76,9 +105,68 @@ def cleanup(self: Any) -> dict[str, Any]:
 
 @app.task(bind=True)
 def sleep(self: Any, seconds: float) -> dict[str, Any]:
-    """Hold a worker process busy, for restart and load tests."""
+    """Hold a worker process busy, for restart and load tests.
+
+    Each run that finishes appends its task id to ``demo:runs``, so a test can
+    check that every task ran exactly once across restarts.
+    """
     time.sleep(seconds)
+    with _broker_redis() as client:
+        client.rpush(RUNS_KEY, self.request.id)
     return {"slept": seconds, **_where(self)}
+
+
+@app.task(bind=True)
+def hog(self: Any, mb: int, hold: float = 0.0) -> dict[str, Any]:
+    """Allocate ``mb`` MiB and touch every page, so it is resident: the OOM test's memory hog."""
+    buffer = bytearray(mb * MIB)
+    buffer[::PAGE] = b"\x01" * (len(buffer) // PAGE)
+    time.sleep(hold)
+    del buffer
+    return {"allocated_mb": mb, **_where(self)}
+
+
+@app.task(bind=True)
+def crash(self: Any) -> NoReturn:
+    """SIGKILL this task's own process on every delivery: a stand-in for an OOM kill.
+
+    Each run is recorded in ``demo:crashes`` first. Under a solo or threads
+    pool it kills the whole worker; never call it in-process.
+    """
+    with _broker_redis() as client:
+        client.rpush(CRASHES_KEY, self.request.id)
+    os.kill(os.getpid(), signal.SIGKILL)
+    raise AssertionError("unreachable: SIGKILL was not delivered")
+
+
+@app.task(bind=True)
+def gpu_probe(self: Any, paths: list[str] | None = None) -> dict[str, Any]:
+    """What this unit sees of the GPUs: its pinning, thread caps, CPU set, and which device nodes open.
+
+    Each path maps to ``ok`` or the errno name of the failed open: under
+    DevicePolicy=closed a foreign GPU node gives EPERM, and a node the unit
+    may use but that has no driver behind it gives ENXIO.
+    """
+    devices: dict[str, str] = {}
+    for path in sorted(glob.glob("/dev/nvidia*")) if paths is None else paths:
+        try:
+            os.close(os.open(path, os.O_RDWR))
+            devices[path] = "ok"
+        except OSError as exc:
+            devices[path] = errno.errorcode.get(exc.errno or 0, str(exc.errno))
+    return {
+        **_where(self),
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        "cuda_device_order": os.environ.get("CUDA_DEVICE_ORDER"),
+        "threads": {name: os.environ[name] for name in THREAD_VARS if name in os.environ},
+        "cpu_affinity": sorted(os.sched_getaffinity(0)),
+        "devices": devices,
+    }
+
+
+def work(self: Any, *args: Any, rounds: int = 1000, **kwargs: Any) -> dict[str, Any]:
+    """The body of every seed task of the active profile: a little CPU work, then where it ran."""
+    return {"task": self.name, "digest": _digest(repr((args, kwargs)).encode(), rounds), **_where(self)}
 
 
 @app.task(bind=True)
@@ -93,21 +181,14 @@ def tick(self: Any) -> dict[str, Any]:
     where = _where(self)
     now = time.time()
     dispatched = float(self.request.get(DISPATCHED_AT) or now)
-    client = redis.Redis.from_url(app.conf.broker_url, socket_timeout=5, socket_connect_timeout=5)
-    try:
+    with _broker_redis() as client:
         client.rpush(TICKS_KEY, f"{dispatched:.3f} {self.request.id} {where['worker']} {now:.3f}")
         client.ltrim(TICKS_KEY, -5000, -1)
-    finally:
-        client.close()
     return where
 
 
-# The task each queue is exercised with by the lab demo and the tests.
-QUEUE_PROBES = {
-    "high_priority": (ping, ()),
-    "datasets": (download_dataset, ("demo",)),
-    "processing": (tokenize, ("the quick brown fox jumps over the lazy dog the end",)),
-    "training": (train, (500,)),
-    "extraction": (extract_features, (200,)),
-    "low_priority": (cleanup, ()),
-}
+# The seed app's task names, each served by the generic body.
+SEED_TASKS = {name: app.task(name=name, bind=True)(work) for name in PROFILE.seed_tasks}
+
+# The task each queue of the profile is exercised with by `python -m demo_app.demo` and the tests.
+QUEUE_PROBES = {queue: (app.signature(name), args) for queue, (name, args) in PROFILE.probes.items()}

@@ -1,0 +1,195 @@
+"""Workers with GPUs, limits, autoscale and replicas: pinning, OOM, graceful restart, hardening."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from fleet_testing import FLEET_ENV, VENV, exposure, fleet_json, journal
+
+# What molecule.yml's worker list expands to.
+UNITS = {
+    "gpu-1": ["extraction", "training"],
+    "gpu-2": ["extraction", "training"],
+    "tiers-1": ["high_priority"],
+    "tiers-2": ["high_priority"],
+    "hungry": ["processing"],
+    "io": ["datasets"],
+    "low": ["low_priority"],
+}
+GPU_UNITS = {"gpu-1": 0, "gpu-2": 1}
+
+
+def on_host(host, body: str, timeout: int = 150):
+    """Run Python against the fleet's broker on the host, as a client of the app; return its JSON output."""
+    script = "import json, time\nfrom demo_app.celery import app\n" + body
+    result = host.run(f"{FLEET_ENV}; timeout {timeout} {VENV}/bin/python - <<'PY'\n{script}\nPY")
+    assert result.rc == 0, f"rc {result.rc}\n{result.stdout}\n{result.stderr}"
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def show(host, unit: str, *props: str) -> dict[str, str]:
+    out = host.run(f"systemctl show {unit} " + " ".join(f"--property={p}" for p in props)).stdout
+    return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+
+def test_the_units_on_the_host_are_exactly_the_expanded_inventory(host):
+    status = fleet_json(host, f"{VENV}/bin/celery-fleet-status")
+    workers = {
+        u["unit"].removeprefix("celery-worker@").removesuffix(".service"): u
+        for u in status["units"]
+        if u["node"]
+    }
+    assert set(workers) == set(UNITS)
+    for name, unit in workers.items():
+        assert unit["active"] == "active", journal(host, unit["unit"])
+        assert unit["queues"] == UNITS[name], f"{name} consumes {unit['queues']}"
+
+
+def test_each_gpu_unit_reaches_its_own_gpu_and_no_other(host):
+    # Both GPU units consume `training`; send probes until each has answered.
+    seen = on_host(
+        host,
+        """
+seen = {}
+for _ in range(10):
+    results = [app.send_task("demo_app.tasks.gpu_probe", queue="training",
+                             kwargs={"paths": ["/dev/nvidia0", "/dev/nvidia1", "/dev/nvidiactl"]})
+               for _ in range(4)]
+    for r in results:
+        out = r.get(timeout=60)
+        seen[out["worker"].split("@")[0]] = out
+    if len(seen) == 2:
+        break
+print(json.dumps(seen))
+""",
+    )
+    assert set(seen) == set(GPU_UNITS), f"answered: {sorted(seen)}"
+    for unit, index in GPU_UNITS.items():
+        probe = seen[unit]
+        other = 1 - index
+        assert probe["cuda_visible_devices"] == str(index)
+        assert probe["cuda_device_order"] == "PCI_BUS_ID"
+        # ENXIO: the open reached the (absent) driver; EPERM: the device policy refused it.
+        assert probe["devices"][f"/dev/nvidia{index}"] == "ENXIO", probe
+        assert probe["devices"]["/dev/nvidiactl"] == "ENXIO", probe
+        assert probe["devices"][f"/dev/nvidia{other}"] == "EPERM", probe
+
+
+def test_cpu_units_see_no_gpu_and_keep_to_their_cpus(host):
+    probe = on_host(
+        host,
+        """
+r = app.send_task("demo_app.tasks.gpu_probe", queue="high_priority",
+                  kwargs={"paths": ["/dev/nvidia0", "/dev/nvidia1", "/dev/nvidiactl"]})
+print(json.dumps(r.get(timeout=60)))
+""",
+    )
+    assert probe["worker"].startswith("tiers-")
+    assert probe["cuda_visible_devices"] == ""
+    assert set(probe["devices"].values()) == {"ENOENT"}, probe
+    # cpus: "0" -> pinned to CPU 0, and numeric libraries capped to one thread.
+    assert probe["cpu_affinity"] == [0]
+    assert probe["threads"]["OMP_NUM_THREADS"] == "1"
+
+
+def test_limits_reach_systemd(host):
+    hungry = show(host, "celery-worker@hungry", "MemoryMax", "MemoryHigh", "MemorySwapMax", "OOMPolicy")
+    assert hungry == {
+        "MemoryMax": str(256 * 1024**2),
+        "MemoryHigh": str(256 * 1024**2 * 9 // 10),
+        "MemorySwapMax": "0",
+        "OOMPolicy": "continue",
+    }
+    assert show(host, "celery-worker@gpu-1", "OOMPolicy", "MemoryMax") == {
+        "OOMPolicy": "stop",
+        "MemoryMax": str(1024**3),
+    }
+    tiers = show(host, "celery-worker@tiers-1", "CPUAffinity", "CPUQuotaPerSecUSec", "Nice")
+    assert tiers == {"CPUAffinity": "0", "CPUQuotaPerSecUSec": "500ms", "Nice": "5"}
+    # stop_timeout plus 30 s to shut down; SIGTERM to the main process only.
+    low = show(host, "celery-worker@low", "TimeoutStopUSec", "KillMode", "KillSignal")
+    assert low == {"TimeoutStopUSec": "1min 30s", "KillMode": "mixed", "KillSignal": "15"}
+
+
+def test_an_oom_killed_child_leaves_the_worker_running(host):
+    unit = "celery-worker@hungry"
+    before = show(host, unit, "MainPID", "NRestarts")
+    outcome = on_host(
+        host,
+        """
+r = app.send_task("demo_app.tasks.hog", args=[600], queue="processing")
+try:
+    r.get(timeout=120, propagate=False)
+except Exception as e:
+    print(json.dumps({"state": "TIMEOUT", "error": repr(e)}))
+    raise SystemExit(0)
+after = app.send_task("demo_app.tasks.ping", queue="processing").get(timeout=60)
+print(json.dumps({"state": r.state, "result": repr(r.result), "next": after}))
+""",
+    )
+    log = journal(host, unit)
+    # The task that is killed every time ends FAILED after its capped deliveries, not requeued forever.
+    assert outcome["state"] == "FAILURE", f"{outcome}\n{log}"
+    assert "DeliveryLimitExceeded" in outcome["result"], outcome
+    assert outcome["next"]["pong"] is True
+    assert outcome["next"]["worker"].startswith("hungry@")
+    after = show(host, unit, "MainPID", "NRestarts", "ActiveState")
+    assert after == {**before, "ActiveState": "active"}, f"the unit restarted\n{log}"
+    assert "signal 9" in log or "SIGKILL" in log, log
+
+
+def test_a_restart_under_load_loses_and_repeats_no_task(host):
+    sent = on_host(
+        host,
+        """
+import redis
+r = redis.Redis.from_url(app.conf.broker_url, socket_timeout=10)
+r.delete("demo:runs")
+ids = [app.send_task("demo_app.tasks.sleep", args=[1.5], queue="low_priority").id for _ in range(16)]
+deadline = time.monotonic() + 60
+while time.monotonic() < deadline:
+    started = [i for i in ids if app.AsyncResult(i).state == "STARTED"]
+    if started:
+        break
+    time.sleep(0.1)
+print(json.dumps({"ids": ids, "started": started}))
+""",
+    )
+    assert sent["started"], "no task started within 60 s"
+    restart = host.run("systemctl restart celery-worker@low")
+    assert restart.rc == 0, restart.stderr
+    ids = sent["ids"]
+    done = on_host(
+        host,
+        f"""
+import redis
+ids = {ids!r}
+states = {{}}
+for i in ids:
+    res = app.AsyncResult(i)
+    res.get(timeout=120, propagate=False)
+    states[i] = res.state
+r = redis.Redis.from_url(app.conf.broker_url, socket_timeout=10)
+runs = [x.decode() for x in r.lrange("demo:runs", 0, -1)]
+print(json.dumps({{"states": states, "runs": runs}}))
+""",
+        timeout=200,
+    )
+    log = journal(host, "celery-worker@low")
+    assert set(done["states"].values()) == {"SUCCESS"}, f"{done['states']}\n{log}"
+    # Each task ran exactly once: the ones running at the restart finished, the rest waited.
+    assert sorted(done["runs"]) == sorted(ids), log
+
+
+@pytest.mark.parametrize("unit", sorted(UNITS))
+def test_exposure_is_under_its_bar(host, unit):
+    bar = 3.0 if unit in GPU_UNITS else 2.0
+    assert exposure(host, f"celery-worker@{unit}.service") <= bar
+
+
+def test_every_worker_unit_verifies_clean(host):
+    units = " ".join(f"celery-worker@{u}.service" for u in UNITS)
+    result = host.run(f"cd /tmp && systemd-analyze verify --man=no {units}")
+    assert result.rc == 0
+    assert result.stdout + result.stderr == ""

@@ -1,0 +1,73 @@
+"""The example inventories parse, pass the worker validation, and consume exactly their profile's queues."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import ROOT, load_plugin
+from demo_app.profiles import PROFILES
+
+EXAMPLES = sorted(p.parent.relative_to(ROOT) for p in (ROOT / "inventories" / "examples").rglob("hosts.yml"))
+GROUPS = ("celery_broker", "celery_workers", "celery_beat", "celery_flower")
+WORKERS = load_plugin("roles/celery_worker/filter_plugins/celery_workers.py")
+ROLE_DEFAULTS = yaml.safe_load((ROOT / "roles/celery_worker/defaults/main.yml").read_text())
+DEFAULTS = ROLE_DEFAULTS["celery_worker_defaults"]
+SECRET = re.compile(r"^[A-Za-z0-9._~-]{16,}$")
+
+
+def inventory(path: Path) -> dict:
+    ansible_inventory = Path(sys.executable).with_name("ansible-inventory")
+    out = subprocess.run(
+        [str(ansible_inventory), "-i", str(path), "--list"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+def test_every_example_is_found():
+    assert {p.as_posix() for p in EXAMPLES} == {
+        "inventories/examples/priority-tiers",
+        "inventories/examples/mistudio/minimal",
+        "inventories/examples/mistudio/full",
+        "inventories/examples/semantik",
+    }
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.relative_to("inventories/examples").as_posix())
+def test_example_inventory(path):
+    inv = inventory(path)
+    hostvars = inv["_meta"]["hostvars"]
+    for group in GROUPS:
+        assert inv.get(group, {}).get("hosts"), f"{path}: no host in {group}"
+    assert len(inv["celery_broker"]["hosts"]) == 1
+    assert all(hostvars[h]["ansible_host"].startswith("192.0.2.") for h in hostvars)
+
+    consumed: set[str] = set()
+    profiles = set()
+    for host in inv["celery_workers"]["hosts"]:
+        workers = hostvars[host]["celery_workers"]
+        assert WORKERS.celery_worker_errors(workers, DEFAULTS) == [], host
+        consumed.update(q for entry in workers for q in entry["queues"])
+    for host, hv in hostvars.items():
+        profiles.add(hv["celery_app_env"]["DEMO_PROFILE"])
+        # Secrets come from the vault file, and would pass the roles' own checks.
+        assert hv["redis_password"] == "{{ vault_redis_password }}", host
+        assert SECRET.match(hv["vault_redis_password"]) and SECRET.match(hv["vault_flower_password"])
+    for host in inv["celery_flower"]["hosts"]:
+        assert hostvars[host]["flower_password"] == "{{ vault_flower_password }}"
+        assert hostvars[host]["flower_user"] not in ("", "admin")
+    # The whole fleet runs one profile, and its workers consume every queue the app routes to, and no other.
+    [profile] = profiles
+    assert consumed == set(PROFILES[profile].queues)
+    assert (ROOT / path / "README.md").is_file()
