@@ -20,7 +20,9 @@ trap down EXIT
 noop() {  # noop <playbook> <workers>: print the wall time of one run that must change nothing
   local t0 t1 log=/tmp/celery-fleet-bench-scale.log
   t0=$(now)
-  ansible-playbook "${INV[@]}" "$1" -e "{\"bench_workers\": $2}" >"$log"
+  if ! ansible-playbook "${INV[@]}" "$1" -e "{\"bench_workers\": $2}" >"$log"; then
+    tail -20 "$log" >&2; exit 1
+  fi
   t1=$(now)
   if grep -E 'changed=[1-9]' "$log"; then echo "the no-op run of $1 changed something" >&2; exit 1; fi
   python3 -c "print(round($t1 - $t0, 1))"
@@ -35,8 +37,8 @@ for n in 1 32; do
   [ "$units" -eq "$n" ] || { echo "expected $n active worker units, found $units" >&2; exit 1; }
   workers_s=(); site_s=()
   for _ in $(seq "$REPEAT"); do
-    workers_s+=("$(noop playbooks/workers.yml "$n")")
-    site_s+=("$(noop site.yml "$n")")
+    workers_s+=("$(noop playbooks/workers.yml "$n")") && [ -n "${workers_s[-1]}" ] || exit 1
+    site_s+=("$(noop site.yml "$n")") && [ -n "${site_s[-1]}" ] || exit 1
   done
   line=$(python3 - "$n" "${workers_s[*]}" "${site_s[*]}" "$(nproc)" <<'PY'
 import json, statistics, sys, datetime

@@ -55,11 +55,32 @@ def test_redis_listens_on_its_private_address_and_refuses_strangers(worker):
     assert "AuthenticationError" in result.stderr, result.stderr
 
 
+GPU_QUEUES = {"training", "extraction"}
+
+
 def test_tasks_round_trip_across_hosts(beat_hosts):
     results = fleet_json(beat_hosts[0], f"{VENV}/bin/python -m demo_app.demo --timeout 60")
     for queue, [result] in results.items():
         assert "error" not in result, f"{queue}: {result}"
-        assert result["hostname"] == "cluster-worker1"
+        assert result["hostname"] == ("cluster-worker2" if queue in GPU_QUEUES else "cluster-worker1")
+
+
+def test_gpu_work_lands_on_a_pinned_gpu_of_the_gpu_host(beat_hosts):
+    probe = fleet_json(
+        beat_hosts[0],
+        f"""{VENV}/bin/python -c 'import json; from demo_app.celery import app
+paths = ["/dev/nvidia0", "/dev/nvidia1"]
+r = app.send_task("demo_app.tasks.gpu_probe", queue="training", kwargs={{"paths": paths}})
+print(json.dumps(r.get(timeout=60)))'""",
+    )
+    assert probe["hostname"] == "cluster-worker2"
+    own = int(probe["cuda_visible_devices"])
+    assert probe["devices"] == {f"/dev/nvidia{own}": "ENXIO", f"/dev/nvidia{1 - own}": "EPERM"}, probe
+
+
+def test_flower_runs_on_its_own_host_only(host):
+    assert other(host, "cluster-flower").service("flower").is_running
+    assert not host.service("flower").is_running
 
 
 def beat_processes(host) -> int:

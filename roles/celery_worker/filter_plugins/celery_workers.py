@@ -311,6 +311,36 @@ def celery_worker_not_running(services: dict[str, Any], names: list[str]) -> lis
     return [name for name in names if name not in running]
 
 
+def celery_worker_verify(rows: list[dict[str, Any]], instances: list[dict[str, Any]], host: str) -> list[str]:
+    """Problems between ``celery-fleet-status`` rows of a host and the instances its inventory expands to."""
+    expected = {f"celery-worker@{i['instance']}.service": sorted(i["queues"]) for i in instances}
+    found = {r["unit"]: r for r in rows if r["unit"].startswith("celery-worker@")}
+    errors = []
+    for unit, queues in sorted(expected.items()):
+        row = found.get(unit)
+        if row is None or row.get("active") != "active":
+            state = "not loaded" if row is None else f"{row.get('active')} ({row.get('sub')})"
+            errors.append(
+                f"{host}: {unit} is {state}. Fix: see `journalctl -u {unit}`, then re-run site.yml "
+                "or `systemctl start` it."
+            )
+        elif not row.get("answered"):
+            errors.append(
+                f"{host}: {unit} is active but its worker does not answer. Fix: see `journalctl -u {unit}`."
+            )
+        elif row.get("queues") != queues:
+            errors.append(
+                f"{host}: {unit} consumes {row.get('queues')} but celery_workers says {queues}. "
+                "Fix: re-run site.yml to restart it with its configured queues."
+            )
+    for unit in sorted(set(found) - set(expected)):
+        if found[unit].get("active") == "active":
+            errors.append(
+                f"{host}: {unit} runs but is not in celery_workers. Fix: re-run site.yml, which removes it."
+            )
+    return errors
+
+
 def _limit_errors(where: str, spec: dict[str, Any]) -> list[str]:
     """Problems in the memory, CPU and time fields."""
     errors = []
@@ -529,4 +559,5 @@ class FilterModule:
             "celery_worker_instances": celery_worker_instances,
             "celery_worker_errors": celery_worker_errors,
             "celery_worker_not_running": celery_worker_not_running,
+            "celery_worker_verify": celery_worker_verify,
         }

@@ -1,0 +1,241 @@
+"""A catalogue of invalid inventories: site.yml refuses each one with a message naming the host,
+the variable and the fix, and leaves the host exactly as it was."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[3]
+HOST = "celery-fleet-default"
+GROUPS = ("celery_broker", "celery_workers", "celery_beat", "celery_flower")
+BASE_VARS = ("redis_password", "flower_user", "flower_password", "celery_app_env", "celery_workers")
+
+
+def workers(hostvars, **changes) -> list[dict]:
+    """The scenario's worker list with some entries changed (None drops the entry)."""
+    out = []
+    for entry in hostvars["celery_workers"]:
+        change = changes.get(entry["name"], {})
+        if change is not None:
+            out.append({**entry, **change})
+    return out
+
+
+# (case id, groups without the host, variables, fragments the error must contain)
+CASES = [
+    (
+        "unknown pool",
+        (),
+        lambda hv: {"celery_workers": workers(hv, high={"pool": "forking"})},
+        ["celery_workers[high].pool 'forking'", "Fix"],
+    ),
+    (
+        "negative concurrency",
+        (),
+        lambda hv: {"celery_workers": workers(hv, high={"concurrency": -2})},
+        ["celery_workers[high].concurrency -2", "Fix"],
+    ),
+    (
+        "size that does not parse",
+        (),
+        lambda hv: {"celery_workers": workers(hv, high={"memory_max": "4 gigs"})},
+        ["celery_workers[high].memory_max '4 gigs' is not a size", "Fix"],
+    ),
+    (
+        "memory_high above memory_max",
+        (),
+        lambda hv: {"celery_workers": workers(hv, high={"memory_max": "1G", "memory_high": "2G"})},
+        ["celery_workers[high].memory_high 2G is above memory_max 1G", "Fix"],
+    ),
+    (
+        "duplicate worker names",
+        (),
+        lambda hv: {"celery_workers": [*workers(hv), {"name": "high", "queues": ["high_priority"]}]},
+        ["celery_workers[5].name 'high' is used twice", "Fix"],
+    ),
+    (
+        "GPU the host does not have",
+        (),
+        lambda hv: {"celery_workers": workers(hv, gpu={"gpus": [5]})},
+        ["celery_workers[gpu].gpus 5 is not on this host", "Fix"],
+    ),
+    (
+        "one GPU for two units",
+        (),
+        lambda hv: {"celery_workers": workers(hv, gpu={"gpus": [0]}, low={"gpus": [0]})},
+        ["/dev/nvidia0 is pinned to 2 units (gpu, low)", "gpu_sharing", "Fix"],
+    ),
+    (
+        "stop_timeout shorter than time_limit",
+        (),
+        lambda hv: {"celery_workers": workers(hv, low={"time_limit": 900, "stop_timeout": 60})},
+        ["celery_workers[low].stop_timeout 60 is shorter than time_limit 900", "Fix"],
+    ),
+    (
+        "soft limit not below the hard one",
+        (),
+        lambda hv: {"celery_workers": workers(hv, low={"time_limit": 100, "soft_time_limit": 100})},
+        ["celery_workers[low].soft_time_limit 100 must be below time_limit 100", "Fix"],
+    ),
+    (
+        "beat embedded in a worker",
+        (),
+        lambda hv: {"celery_workers": workers(hv, low={"extra_args": ["-B"]})},
+        ["celery_workers[low].extra_args embeds beat", "Fix"],
+    ),
+    (
+        "a misspelt field",
+        (),
+        lambda hv: {"celery_workers": workers(hv, low={"concurency": 2})},
+        ["celery_workers[low] has unknown fields concurency", "Fix"],
+    ),
+    (
+        "autoscale on a thread pool",
+        (),
+        lambda hv: {
+            "celery_workers": workers(hv, datasets={"autoscale": {"min": 1, "max": 4}, "concurrency": None})
+        },
+        ["celery_workers[datasets].autoscale needs pool prefork", "Fix"],
+    ),
+    (
+        "CPUs the host does not have",
+        (),
+        lambda hv: {"celery_workers": workers(hv, high={"cpus": "0-63"})},
+        ["celery_workers[high].cpus '0-63' names CPU 63", "Fix"],
+    ),
+    (
+        "memory limits above the host's RAM",
+        (),
+        lambda hv: {"celery_workers": workers(hv, high={"memory_max": "4T"})},
+        ["celery_workers", "memory_max", "Fix"],
+    ),
+    (
+        "no beat candidate",
+        ("celery_beat",),
+        lambda hv: {},
+        ["fleet: the celery_beat group has no host", "Fix"],
+    ),
+    ("no broker", ("celery_broker",), lambda hv: {}, ["fleet: the celery_broker group has 0 hosts", "Fix"]),
+    (
+        "empty broker password",
+        (),
+        lambda hv: {"redis_password": ""},
+        ["redis_password is empty, a placeholder", "Fix"],
+    ),
+    (
+        "default broker password",
+        (),
+        lambda hv: {"redis_password": "changeme"},
+        ["redis_password is empty, a placeholder", "Fix"],
+    ),
+    (
+        "Flower without auth",
+        (),
+        lambda hv: {"flower_password": ""},
+        ["Flower needs auth", "flower_password", "Fix"],
+    ),
+    (
+        "Flower with admin:admin",
+        (),
+        lambda hv: {"flower_user": "admin", "flower_password": "admin"},
+        ["Flower needs auth", "flower_password", "Fix"],
+    ),
+    (
+        "a queue no worker consumes",
+        (),
+        lambda hv: {"celery_workers": workers(hv, low=None)},
+        ["low_priority", "Fix"],
+    ),
+    (
+        "stop_timeout beyond the visibility timeout",
+        (),
+        lambda hv: {"celery_workers": workers(hv, gpu={"stop_timeout": 9000})},
+        ["visibility", "stop_timeout", "Fix"],
+    ),
+    (
+        "beat lease renewed too late",
+        (),
+        lambda hv: {"celery_beat_lock_renew_interval": 6},
+        ["celery_beat_lock_renew_interval (6)", "Fix"],
+    ),
+]
+
+
+def playbook(name: str, inventory: str | Path) -> subprocess.CompletedProcess:
+    """Run one of the project's playbooks from the controller, as a user would."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ANSIBLE_", "MOLECULE_"))}
+    env |= {"ANSIBLE_CONFIG": str(ROOT / "ansible.cfg"), "ANSIBLE_HOME": str(ROOT / ".cache" / "ansible")}
+    return subprocess.run(
+        [str(Path(sys.executable).parent / "ansible-playbook"), "-i", str(inventory), name],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+
+
+def snapshot(host) -> str:
+    """Everything the deploy writes, and every fleet unit's invocation: any change shows."""
+    files = host.run(
+        "find /etc /opt/celery-fleet -xdev -name __pycache__ -prune -o -printf '%p %s %T@ %m %u\\n' | sort"
+        " | sha256sum"
+    ).stdout
+    units = host.run(
+        "systemctl show --property=Id,InvocationID,ActiveState redis-server celery-beat flower "
+        "$(systemctl list-units --plain --no-legend 'celery-worker@*' | cut -d' ' -f1)"
+    ).stdout
+    return files + units
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_site_refuses_an_invalid_inventory_and_changes_nothing(host, hostvars, tmp_path, case):
+    name, without, variables, fragments = case
+    inventory = {
+        "all": {
+            "vars": {
+                "ansible_connection": "community.docker.docker",
+                **{k: hostvars[k] for k in BASE_VARS},
+                **variables(hostvars),
+            },
+            "children": {g: {"hosts": {HOST: None}} for g in GROUPS if g not in without},
+        }
+    }
+    (tmp_path / "hosts.yml").write_text(yaml.safe_dump(inventory))
+    before = snapshot(host)
+    run = playbook("site.yml", tmp_path / "hosts.yml")
+    output = run.stdout + run.stderr
+    assert run.returncode != 0, f"{name}: site.yml accepted it\n{output[-3000:]}"
+    assert "Traceback" not in output, output[-3000:]
+    for fragment in fragments:
+        assert fragment in output, f"{name}: {fragment!r} missing from\n{output[-3000:]}"
+    host_named = HOST in output.split("PLAY RECAP")[0] or "fleet:" in output
+    assert host_named, output[-3000:]
+    assert snapshot(host) == before, f"{name}: the host changed"
+
+
+def test_verify_catches_a_worker_stopped_by_hand(host, hostvars, tmp_path):
+    inventory = {
+        "all": {
+            "vars": {"ansible_connection": "community.docker.docker", **{k: hostvars[k] for k in BASE_VARS}},
+            "children": {g: {"hosts": {HOST: None}} for g in GROUPS},
+        }
+    }
+    (tmp_path / "hosts.yml").write_text(yaml.safe_dump(inventory))
+    assert playbook("playbooks/verify.yml", tmp_path / "hosts.yml").returncode == 0
+    host.run("systemctl stop celery-worker@low")
+    try:
+        run = playbook("playbooks/verify.yml", tmp_path / "hosts.yml")
+    finally:
+        host.run("systemctl start celery-worker@low")
+    output = run.stdout + run.stderr
+    assert run.returncode != 0, output[-3000:]
+    assert f"{HOST}: celery-worker@low.service is inactive (dead)" in output, output[-3000:]
+    assert "Traceback" not in output
