@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Wall time of a no-op re-run as the number of worker units on one host grows:
 # 1 unit, then 32, on the same fresh systemd container. Times both the worker
-# play alone (playbooks/workers.yml) and the whole site.yml, REPEAT times each,
+# play alone (playbooks/workers.yml, REPEAT times) and the whole site.yml
+# (preflight and verify included, REPEAT_SITE times),
 # and appends one JSON line per size to bench/results/worker_scale.jsonl.
 #
 # Reproduce: make venv image && bench/worker_scale.sh   (about 10 minutes)
@@ -10,6 +11,7 @@ cd "$(dirname "$0")/.."
 export PATH="$PWD/.venv/bin:$PATH" ANSIBLE_CONFIG="$PWD/ansible.cfg"
 INV=(-i bench/inventory)
 REPEAT=${REPEAT:-3}
+REPEAT_SITE=${REPEAT_SITE:-1}
 results=bench/results/worker_scale.jsonl
 mkdir -p "$(dirname "$results")"
 
@@ -38,6 +40,8 @@ for n in 1 32; do
   workers_s=(); site_s=()
   for _ in $(seq "$REPEAT"); do
     workers_s+=("$(noop playbooks/workers.yml "$n")") && [ -n "${workers_s[-1]}" ] || exit 1
+  done
+  for _ in $(seq "$REPEAT_SITE"); do
     site_s+=("$(noop site.yml "$n")") && [ -n "${site_s[-1]}" ] || exit 1
   done
   line=$(python3 - "$n" "${workers_s[*]}" "${site_s[*]}" "$(nproc)" <<'PY'
