@@ -50,7 +50,7 @@ n, w, s, cores = sys.argv[1:]
 w, s = [float(x) for x in w.split()], [float(x) for x in s.split()]
 print(json.dumps({"date": datetime.datetime.now(datetime.timezone.utc).strftime("%FT%TZ"), "worker_units": int(n),
                   "noop_workers_play_s": w, "noop_workers_play_median_s": statistics.median(w),
-                  "noop_site_s": s, "noop_site_median_s": statistics.median(s), "machine": f"{cores} cores"}))
+                  "noop_site_s": s, "noop_site_median_s": statistics.median(s) if s else None, "machine": f"{cores} cores"}))
 PY
 )
   echo "$line" | tee -a "$results"
