@@ -102,6 +102,34 @@ def start_demo_worker(env: dict[str, str], node: str, queues: str, **popen: obje
     return subprocess.Popen(argv, env=env, **popen)  # type: ignore[call-overload]
 
 
+def run_demo(env: dict[str, str]) -> subprocess.CompletedProcess:
+    """``python -m demo_app.demo``: one probe task through every queue of the app's profile."""
+    return subprocess.run(
+        [sys.executable, "-m", "demo_app.demo", "--timeout", "30"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def inventory_list(path: Path) -> dict:
+    """``ansible-inventory --list`` of an inventory directory: groups and every host's variables."""
+    out = subprocess.run(
+        [str(Path(sys.executable).with_name("ansible-inventory")), "-i", str(path), "--list"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    import json  # noqa: PLC0415
+
+    return json.loads(out.stdout)
+
+
 @pytest.fixture
 def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
     if shutil.which("redis-server") is None:

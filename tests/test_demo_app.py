@@ -8,7 +8,7 @@ import sys
 import time
 
 import pytest
-from conftest import ROOT, demo_env, start_demo_worker
+from conftest import ROOT, demo_env, run_demo, start_demo_worker
 
 
 @pytest.fixture
@@ -33,14 +33,7 @@ def test_every_queue_round_trips_to_the_worker_that_consumes_it(worker_env):
     split = {"fast": "high_priority,datasets,processing", "slow": "training,extraction,low_priority"}
     workers = [start_worker(worker_env, name, queues) for name, queues in split.items()]
     try:
-        out = subprocess.run(
-            [sys.executable, "-m", "demo_app.demo", "--timeout", "30"],
-            env=worker_env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
+        out = run_demo(worker_env)
         assert out.returncode == 0, out.stdout + out.stderr
         import json  # noqa: PLC0415
 

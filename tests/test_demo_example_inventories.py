@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT, load_plugin
+from conftest import ROOT, inventory_list, load_plugin
 from demo_app.profiles import PROFILES
 
 EXAMPLES = sorted(p.parent.relative_to(ROOT) for p in (ROOT / "inventories" / "examples").rglob("hosts.yml"))
@@ -19,20 +15,6 @@ WORKERS = load_plugin("roles/celery_worker/filter_plugins/celery_workers.py")
 ROLE_DEFAULTS = yaml.safe_load((ROOT / "roles/celery_worker/defaults/main.yml").read_text())
 DEFAULTS = ROLE_DEFAULTS["celery_worker_defaults"]
 SECRET = re.compile(r"^[A-Za-z0-9._~-]{16,}$")
-
-
-def inventory(path: Path) -> dict:
-    ansible_inventory = Path(sys.executable).with_name("ansible-inventory")
-    out = subprocess.run(
-        [str(ansible_inventory), "-i", str(path), "--list"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert out.returncode == 0, out.stderr
-    return json.loads(out.stdout)
 
 
 def test_every_example_is_found():
@@ -46,7 +28,7 @@ def test_every_example_is_found():
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.relative_to("inventories/examples").as_posix())
 def test_example_inventory(path):
-    inv = inventory(path)
+    inv = inventory_list(path)
     hostvars = inv["_meta"]["hostvars"]
     for group in GROUPS:
         assert inv.get(group, {}).get("hosts"), f"{path}: no host in {group}"

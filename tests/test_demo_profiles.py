@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, demo_env, start_demo_worker
+from conftest import ROOT, demo_env, run_demo, start_demo_worker
 from demo_app.profiles import PROFILES
 
 # Run in a fresh interpreter: DEMO_PROFILE is read when the app is imported.
@@ -108,14 +108,7 @@ def test_priority_tiers_round_trips_through_workers_of_its_queues(redis_server):
     split = {"hi": "high_priority", "bg": "medium_priority,low_priority"}
     workers = [start_demo_worker(env, f"{name}@test", queues) for name, queues in split.items()]
     try:
-        out = subprocess.run(
-            [sys.executable, "-m", "demo_app.demo", "--timeout", "30"],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
+        out = run_demo(env)
         assert out.returncode == 0, out.stdout + out.stderr
         results = json.loads(out.stdout)
         probes = PROFILES["priority-tiers"].probes

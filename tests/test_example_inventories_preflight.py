@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT, load_plugin
+from conftest import ROOT, inventory_list, load_plugin
 
 report_module = load_plugin("playbooks/library/celery_app_report.py")
 checks = load_plugin("playbooks/filter_plugins/fleet_checks.py")
@@ -24,17 +24,6 @@ DEFAULTS = yaml.safe_load((ROOT / "roles/celery_worker/defaults/main.yml").read_
     "celery_worker_defaults"
 ]
 EXAMPLES = sorted(p.parent for p in (ROOT / "inventories" / "examples").rglob("hosts.yml"))
-
-
-def inventory(path: Path) -> dict:
-    out = subprocess.run(
-        [str(Path(sys.executable).parent / "ansible-inventory"), "-i", str(path), "--list"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-    ).stdout
-    return json.loads(out)
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +66,7 @@ def test_every_seed_has_an_example():
     "example", EXAMPLES, ids=lambda p: str(p.relative_to(ROOT / "inventories" / "examples"))
 )
 def test_the_example_passes_preflight(example, wheelhouse, tmp_path):
-    inv = inventory(example)
+    inv = inventory_list(example)
     hostvars = inv["_meta"]["hostvars"]
     worker_hosts = inv["celery_workers"]["hosts"]
     fleet = []
