@@ -15,7 +15,7 @@ export ANSIBLE_HOME := $(CURDIR)/.cache/ansible
 export ANSIBLE_LOCAL_TEMP := $(CURDIR)/.cache/ansible/tmp
 
 LAB := -i inventories/lab
-SCENARIOS ?= default alternative cluster
+SCENARIOS ?= default alternative cluster semantik
 
 .PHONY: help venv prereqs image lab lab-down lint unit molecule test clean
 

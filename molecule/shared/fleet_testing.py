@@ -18,6 +18,14 @@ def fleet_json(host, command: str):
     return json.loads(result.stdout)
 
 
+def on_host(host, body: str, timeout: int = 150):
+    """Run Python against the fleet's broker on the host, as a client of the app; return its JSON output."""
+    script = "import json, time\nfrom demo_app.celery import app\n" + body
+    result = host.run(f"{FLEET_ENV}; timeout {timeout} {VENV}/bin/python - <<'PY'\n{script}\nPY")
+    assert result.rc == 0, f"rc {result.rc}\n{result.stdout}\n{result.stderr}"
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
 def exposure(host, unit: str) -> float:
     """The unit's overall `systemd-analyze security` exposure score."""
     out = host.run(f"systemd-analyze security --no-pager {unit} | tail -1").stdout
@@ -28,6 +36,35 @@ def journal(host, unit: str) -> str:
     return host.run(f"journalctl -u {unit} -n 40 --no-pager").stdout
 
 
+def redis_cli(host, hostvars, *args: str, auth: bool = True):
+    env = f"REDISCLI_AUTH={hostvars['redis_password']} " if auth else ""
+    return host.run(f"{env}timeout 10 redis-cli --no-auth-warning {' '.join(args)}")
+
+
+def http_status(host, url: str, user: str | None = None, password: str | None = None) -> int:
+    auth = ""
+    if user is not None:
+        # Credentials reach the probe through its environment, never argv.
+        auth = (
+            "import base64, os; r.add_header('Authorization', 'Basic ' + "
+            "base64.b64encode(os.environ['CRED'].encode()).decode()); "
+        )
+    script = (
+        "import urllib.request, urllib.error\n"
+        f"r = urllib.request.Request({url!r}); {auth}\n"
+        "try:\n    print(urllib.request.urlopen(r, timeout=10).status)\n"
+        "except urllib.error.HTTPError as e:\n    print(e.code)\n"
+    )
+    env = f"CRED='{user}:{password}' " if user is not None else ""
+    result = host.run(f"{env}python3 - <<'PY'\n{script}PY")
+    assert result.rc == 0, result.stderr
+    return int(result.stdout.strip())
+
+
 @pytest.fixture(scope="module")
 def hostvars(host):
-    return host.ansible.get_variables()
+    """The host's inventory variables, with templated ones (`"{{ vault_... }}"`) resolved by Ansible."""
+    raw = host.ansible.get_variables()
+    templated = [name for name, value in raw.items() if isinstance(value, str) and "{{" in value]
+    resolved = {name: host.ansible("ansible.builtin.debug", f"var={name}")[name] for name in templated}
+    return {**raw, **resolved}

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
-from fleet_testing import FLEET_ENV, VENV, exposure, fleet_json, journal
+from fleet_testing import VENV, exposure, fleet_json, journal, on_host
 
 # What molecule.yml's worker list expands to.
 UNITS = {
@@ -18,14 +16,6 @@ UNITS = {
     "low": ["low_priority"],
 }
 GPU_UNITS = {"gpu-1": 0, "gpu-2": 1}
-
-
-def on_host(host, body: str, timeout: int = 150):
-    """Run Python against the fleet's broker on the host, as a client of the app; return its JSON output."""
-    script = "import json, time\nfrom demo_app.celery import app\n" + body
-    result = host.run(f"{FLEET_ENV}; timeout {timeout} {VENV}/bin/python - <<'PY'\n{script}\nPY")
-    assert result.rc == 0, f"rc {result.rc}\n{result.stdout}\n{result.stderr}"
-    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def show(host, unit: str, *props: str) -> dict[str, str]:

@@ -6,7 +6,7 @@ import itertools
 import math
 
 import pytest
-from fleet_testing import VENV, exposure, fleet_json, journal
+from fleet_testing import VENV, exposure, fleet_json, journal, redis_cli
 
 LOCK_KEY = "celery-fleet:beat-leader"
 BROKER_ADDRESS = "172.30.78.10"
@@ -37,12 +37,6 @@ def beat_hosts(host):
 @pytest.fixture(scope="module")
 def settings(broker):
     return broker.ansible.get_variables()
-
-
-def redis_cli(broker, settings, *args: str) -> str:
-    return broker.run(
-        f"REDISCLI_AUTH={settings['redis_password']} timeout 10 redis-cli --no-auth-warning {' '.join(args)}"
-    ).stdout
 
 
 def test_redis_listens_on_its_private_address_and_refuses_strangers(worker):
@@ -93,7 +87,7 @@ def test_exactly_one_beat_runs_fleet_wide_and_the_lease_names_it(broker, setting
     running = {h.backend.host: beat_processes(h) for h in beat_hosts}
     assert sum(running.values()) == 1, running
     [leader] = [name for name, count in running.items() if count]
-    holder = redis_cli(broker, settings, "GET", LOCK_KEY)
+    holder = redis_cli(broker, settings, "GET", LOCK_KEY).stdout
     assert f"host={leader} " in holder, holder
 
 
@@ -103,7 +97,7 @@ def test_every_candidate_runs_the_supervisor(beat_hosts):
 
 
 def ticks(broker, settings) -> list[float]:
-    lines = redis_cli(broker, settings, "LRANGE", "demo:ticks", "0", "-1").splitlines()
+    lines = redis_cli(broker, settings, "LRANGE", "demo:ticks", "0", "-1").stdout.splitlines()
     return sorted(float(line.split()[0]) for line in lines if line.strip())
 
 

@@ -5,18 +5,13 @@ from __future__ import annotations
 import time
 
 import pytest
-from fleet_testing import VENV, exposure, fleet_json, journal
+from fleet_testing import VENV, exposure, fleet_json, http_status, journal, redis_cli
 
 SECRET_FILES = {
     "/etc/celery-fleet/broker.env": ("root", "root"),
     "/etc/celery-fleet/flower.env": ("root", "root"),
     "/etc/redis/redis.conf": ("root", "redis"),
 }
-
-
-def redis_cli(host, hostvars, *args: str, auth: bool = True):
-    env = f"REDISCLI_AUTH={hostvars['redis_password']} " if auth else ""
-    return host.run(f"{env}timeout 10 redis-cli --no-auth-warning {' '.join(args)}")
 
 
 def test_redis_is_active(host):
@@ -77,26 +72,6 @@ def test_beat_dispatches_the_periodic_task(host, hostvars):
             return
         time.sleep(1)
     pytest.fail(f"no periodic tick ran in 30 s\n{journal(host, 'celery-beat')}")
-
-
-def http_status(host, url: str, user: str | None = None, password: str | None = None) -> int:
-    auth = ""
-    if user is not None:
-        # Credentials reach the probe through its environment, never argv.
-        auth = (
-            "import base64, os; r.add_header('Authorization', 'Basic ' + "
-            "base64.b64encode(os.environ['CRED'].encode()).decode()); "
-        )
-    script = (
-        "import urllib.request, urllib.error\n"
-        f"r = urllib.request.Request({url!r}); {auth}\n"
-        "try:\n    print(urllib.request.urlopen(r, timeout=10).status)\n"
-        "except urllib.error.HTTPError as e:\n    print(e.code)\n"
-    )
-    env = f"CRED='{user}:{password}' " if user is not None else ""
-    result = host.run(f"{env}python3 - <<'PY'\n{script}PY")
-    assert result.rc == 0, result.stderr
-    return int(result.stdout.strip())
 
 
 def test_flower_requires_auth(host, hostvars):
