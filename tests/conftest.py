@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
+import platform
 import secrets
 import shutil
 import socket
@@ -125,9 +127,46 @@ def inventory_list(path: Path) -> dict:
         check=False,
     )
     assert out.returncode == 0, out.stderr
-    import json  # noqa: PLC0415
-
     return json.loads(out.stdout)
+
+
+def run_ansible_module(path: Path, args: dict, work: Path, timeout: int) -> dict:
+    """Run a module file the way Ansible does: a JSON argument file, a JSON answer on stdout."""
+    args_file = work / f"{path.stem}-args.json"
+    args_file.write_text(json.dumps({"ANSIBLE_MODULE_ARGS": args}))
+    proc = subprocess.run(
+        [sys.executable, str(path), str(args_file)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=work,
+    )
+    return json.loads(proc.stdout)
+
+
+def build_wheelhouse(sources: list[Path], requirements: list[str], work: Path) -> Path:
+    """A wheelhouse for this Python, built (or found in .cache by digest) by the deploy's own module."""
+    machine = platform.machine()
+    answer = run_ansible_module(
+        ROOT / "roles/celery_app/library/celery_wheelhouse.py",
+        {
+            "sources": [str(s) for s in sources],
+            "requirements": requirements,
+            "python_version": platform.python_version(),
+            "platforms": [
+                f"manylinux2014_{machine}",
+                f"manylinux_2_17_{machine}",
+                f"manylinux_2_28_{machine}",
+            ],
+            "machine": machine,
+            "dest": str(ROOT / ".cache" / "wheelhouse"),
+        },
+        work,
+        timeout=600,
+    )
+    assert not answer.get("failed"), answer
+    return Path(answer["archive"])
 
 
 @pytest.fixture

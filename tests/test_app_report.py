@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import subprocess
 import sys
 import tarfile
@@ -16,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ROOT, load_plugin
+from conftest import ROOT, build_wheelhouse, load_plugin, run_ansible_module
 
 module = load_plugin("playbooks/library/celery_app_report.py")
 
@@ -232,43 +231,11 @@ def test_console_script_is_declared():
 # The module, against a real wheelhouse built by the celery_wheelhouse module.
 
 
-def run_ansible_module(path: Path, args: dict[str, Any], tmp_path: Path, timeout: int) -> dict[str, Any]:
-    """Run a module file the way Ansible does: a JSON argument file, a JSON answer on stdout."""
-    args_file = tmp_path / f"{path.stem}-args.json"
-    args_file.write_text(json.dumps({"ANSIBLE_MODULE_ARGS": args}))
-    proc = subprocess.run(
-        [sys.executable, str(path), str(args_file)],
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    return json.loads(proc.stdout)
-
-
 @pytest.fixture(scope="module")
 def wheelhouse(probe_project: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A wheelhouse of the demo app, the probe app and celery-fleet for this Python; cached by digest."""
-    machine = platform.machine()
-    answer = run_ansible_module(
-        ROOT / "roles/celery_app/library/celery_wheelhouse.py",
-        {
-            "sources": [str(ROOT / "examples" / "demo_app"), str(probe_project), str(ROOT)],
-            "requirements": [],
-            "python_version": platform.python_version(),
-            "platforms": [
-                f"manylinux2014_{machine}",
-                f"manylinux_2_17_{machine}",
-                f"manylinux_2_28_{machine}",
-            ],
-            "machine": machine,
-            "dest": str(ROOT / ".cache" / "wheelhouse"),
-        },
-        tmp_path_factory.mktemp("wheelhouse"),
-        timeout=600,
-    )
-    assert not answer.get("failed"), answer
-    return Path(answer["archive"])
+    sources = [ROOT / "examples" / "demo_app", probe_project, ROOT]
+    return build_wheelhouse(sources, [], tmp_path_factory.mktemp("wheelhouse"))
 
 
 @pytest.fixture

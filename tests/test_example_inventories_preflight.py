@@ -7,15 +7,12 @@ documentation addresses, so the GPU and CPU checks against a host are covered by
 
 from __future__ import annotations
 
-import json
-import platform
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT, inventory_list, load_plugin
+from conftest import ROOT, build_wheelhouse, inventory_list, load_plugin
 
 report_module = load_plugin("playbooks/library/celery_app_report.py")
 checks = load_plugin("playbooks/filter_plugins/fleet_checks.py")
@@ -29,32 +26,8 @@ EXAMPLES = sorted(p.parent for p in (ROOT / "inventories" / "examples").rglob("h
 @pytest.fixture(scope="module")
 def wheelhouse(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The demo app's wheelhouse for this Python, built or cached by the deploy's own module."""
-    machine = platform.machine()
-    args = {
-        "sources": [str(ROOT / "examples" / "demo_app"), str(ROOT)],
-        "requirements": ["flower==2.2.0"],
-        "python_version": platform.python_version(),
-        "platforms": [f"manylinux2014_{machine}", f"manylinux_2_17_{machine}", f"manylinux_2_28_{machine}"],
-        "machine": machine,
-        "dest": str(ROOT / ".cache" / "wheelhouse"),
-    }
-    work = tmp_path_factory.mktemp("wheelhouse")
-    (work / "args.json").write_text(json.dumps({"ANSIBLE_MODULE_ARGS": args}))
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "roles/celery_app/library/celery_wheelhouse.py"),
-            str(work / "args.json"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-        cwd=work,
-    )
-    answer = json.loads(proc.stdout)
-    assert not answer.get("failed"), answer
-    return Path(answer["archive"])
+    sources = [ROOT / "examples" / "demo_app", ROOT]
+    return build_wheelhouse(sources, ["flower==2.2.0"], tmp_path_factory.mktemp("wheelhouse"))
 
 
 def test_every_seed_has_an_example():
