@@ -32,6 +32,12 @@ def exposure(host, unit: str) -> float:
     return float(out.split("service:")[1].split()[0])
 
 
+def show(host, unit: str, *props: str) -> dict[str, str]:
+    """The unit's properties, as `systemctl show` reports them."""
+    out = host.run(f"systemctl show {unit} " + " ".join(f"--property={p}" for p in props)).stdout
+    return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+
 def journal(host, unit: str) -> str:
     return host.run(f"journalctl -u {unit} -n 40 --no-pager").stdout
 

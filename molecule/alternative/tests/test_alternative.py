@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from fleet_testing import VENV, exposure, fleet_json, journal, on_host
+from fleet_testing import VENV, exposure, fleet_json, journal, on_host, show
 
 # What molecule.yml's worker list expands to.
 UNITS = {
@@ -16,11 +16,6 @@ UNITS = {
     "low": ["low_priority"],
 }
 GPU_UNITS = {"gpu-1": 0, "gpu-2": 1}
-
-
-def show(host, unit: str, *props: str) -> dict[str, str]:
-    out = host.run(f"systemctl show {unit} " + " ".join(f"--property={p}" for p in props)).stdout
-    return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
 
 
 def test_the_units_on_the_host_are_exactly_the_expanded_inventory(host):

@@ -2,14 +2,9 @@
 
 from __future__ import annotations
 
-from fleet_testing import VENV, fleet_json, http_status, journal, on_host, redis_cli
+from fleet_testing import VENV, fleet_json, http_status, journal, on_host, redis_cli, show
 
 WORKER = "celery-worker@embedding.service"
-
-
-def show(host, unit: str, *props: str) -> dict[str, str]:
-    out = host.run(f"systemctl show {unit} " + " ".join(f"--property={p}" for p in props)).stdout
-    return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
 
 
 def test_the_one_embedding_worker_consumes_the_default_queue(host):
