@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
+ROOT = Path(__file__).resolve().parents[2]
 VENV = "/opt/celery-fleet/venv"
 # Load the same environment files the units get, without putting a secret on a command line.
 FLEET_ENV = "set -a; . /etc/celery-fleet/celery.env; . /etc/celery-fleet/broker.env; set +a; cd /tmp"
@@ -74,3 +79,32 @@ def hostvars(host):
     templated = [name for name, value in raw.items() if isinstance(value, str) and "{{" in value]
     resolved = {name: host.ansible("ansible.builtin.debug", f"var={name}")[name] for name in templated}
     return {**raw, **resolved}
+
+
+def playbook(name: str, *inventories: str | Path) -> subprocess.CompletedProcess:
+    """Run one of the project's playbooks from the controller, as a user would."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ANSIBLE_", "MOLECULE_"))}
+    env |= {"ANSIBLE_CONFIG": str(ROOT / "ansible.cfg"), "ANSIBLE_HOME": str(ROOT / ".cache" / "ansible")}
+    sources = [arg for inventory in inventories for arg in ("-i", str(inventory))]
+    return subprocess.run(
+        [str(Path(sys.executable).parent / "ansible-playbook"), *sources, name],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+
+
+def snapshot(host) -> str:
+    """Everything the deploy writes, and every fleet unit's invocation: any change shows."""
+    files = host.run(
+        "find /etc /opt/celery-fleet -xdev -name __pycache__ -prune -o -printf '%p %s %T@ %m %u\\n' | sort"
+        " | sha256sum"
+    ).stdout
+    units = host.run(
+        "systemctl show --property=Id,InvocationID,ActiveState redis-server celery-beat flower "
+        "$(systemctl list-units --plain --no-legend 'celery-worker@*' | cut -d' ' -f1)"
+    ).stdout
+    return files + units
