@@ -248,3 +248,70 @@ def test_not_running_reads_service_facts():
         "redis-server.service": {"state": "running"},
     }
     assert plugin.celery_worker_not_running(services, ["a", "b", "c"]) == ["b", "c"]
+
+
+def _row(unit: str, active: str = "active", answered: bool = True, queues: list[str] | None = None) -> dict:
+    return {
+        "unit": f"celery-worker@{unit}.service",
+        "active": active,
+        "sub": "running",
+        "answered": answered,
+        "queues": queues,
+    }
+
+
+VERIFY_INSTANCES = [
+    {"instance": "high", "queues": ["high_priority"]},
+    {"instance": "low", "queues": ["b", "a"]},
+]
+
+
+def test_verify_accepts_workers_that_consume_exactly_their_queues():
+    rows = [_row("high", queues=["high_priority"]), _row("low", queues=["a", "b"])]
+    assert plugin.celery_worker_verify(rows, VERIFY_INSTANCES, "h1") == []
+
+
+@pytest.mark.parametrize(
+    ("rows", "message"),
+    [
+        ([_row("low", queues=["a", "b"])], "h1: celery-worker@high.service is not loaded"),
+        (
+            [_row("high", active="inactive", queues=None), _row("low", queues=["a", "b"])],
+            "h1: celery-worker@high.service is inactive",
+        ),
+        (
+            [_row("high", answered=False), _row("low", queues=["a", "b"])],
+            "h1: celery-worker@high.service is active but its worker does not answer",
+        ),
+        (
+            [_row("high", queues=["celery", "high_priority"]), _row("low", queues=["a", "b"])],
+            "h1: celery-worker@high.service consumes ['celery', 'high_priority'] but celery_workers says "
+            "['high_priority']",
+        ),
+        (
+            [_row("high", queues=["high_priority"]), _row("low", queues=["a"])],
+            "h1: celery-worker@low.service consumes ['a'] but celery_workers says ['a', 'b']",
+        ),
+        (
+            [
+                _row("high", queues=["high_priority"]),
+                _row("low", queues=["a", "b"]),
+                _row("old", queues=["x"]),
+            ],
+            "h1: celery-worker@old.service runs but is not in celery_workers",
+        ),
+    ],
+    ids=["missing", "stopped", "silent", "extra queue", "missing queue", "stray unit"],
+)
+def test_verify_names_each_problem_with_the_host_and_a_fix(rows, message):
+    [problem] = plugin.celery_worker_verify(rows, VERIFY_INSTANCES, "h1")
+    assert problem.startswith(message) and "Fix:" in problem, problem
+
+
+def test_verify_ignores_a_stopped_unit_that_is_no_longer_in_the_inventory():
+    rows = [
+        _row("high", queues=["high_priority"]),
+        _row("low", queues=["a", "b"]),
+        _row("old", active="inactive"),
+    ]
+    assert plugin.celery_worker_verify(rows, VERIFY_INSTANCES, "h1") == []

@@ -40,3 +40,12 @@ def test_the_beat_unit_says_whether_it_leads():
     units = [{"unit": "celery-beat.service", "active": "active", "sub": "running"}]
     assert status.summarize(units, "h", {}, {}, beat_leads=True)[0]["beat"] == "leader"
     assert status.summarize(units, "h", {}, {}, beat_leads=False)[0]["beat"] == "standby"
+
+
+def test_a_probe_that_cannot_run_says_why_in_one_line(tmp_path, capsys):
+    missing = tmp_path / "broker.env"
+    assert status.main(["--env-file", str(missing)]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    [line] = captured.err.splitlines()
+    assert line.startswith("celery-fleet-status: FileNotFoundError:") and str(missing) in line

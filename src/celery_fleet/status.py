@@ -74,16 +74,9 @@ def summarize(
     return rows
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--env-file",
-        action="append",
-        help="environment file the units use (repeatable); default: the fleet's own",
-    )
-    parser.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for workers to answer")
-    args = parser.parse_args(argv)
-    for path in args.env_file or DEFAULT_ENV_FILES:
+def collect(env_files: list[str], timeout: float) -> dict[str, Any]:
+    """This host's fleet units, each worker's own answer, and whether this host's beat leads."""
+    for path in env_files:
         with open(path, encoding="utf-8") as f:
             os.environ.update(read_env_file(f.read()))
 
@@ -98,14 +91,32 @@ def main(argv: list[str] | None = None) -> int:
         # The broker comes from CELERY_BROKER_URL; remote control needs no tasks.
         app = Celery("celery-fleet-status")
         try:
-            inspector = app.control.inspect(destination=nodes, timeout=args.timeout)
+            inspector = app.control.inspect(destination=nodes, timeout=timeout)
             queues = inspector.active_queues() or {}
             stats = inspector.stats() or {}
         finally:
             app.close()
     # The lease deadline the beat supervisor publishes: ahead of now only on the leader.
     beat_leads = time.monotonic() < read_deadline(DEFAULT_STATE_FILE)
-    json.dump({"host": hostname, "units": summarize(units, hostname, queues, stats, beat_leads)}, sys.stdout)
+    return {"host": hostname, "units": summarize(units, hostname, queues, stats, beat_leads)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--env-file",
+        action="append",
+        help="environment file the units use (repeatable); default: the fleet's own",
+    )
+    parser.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for workers to answer")
+    args = parser.parse_args(argv)
+    try:
+        report = collect(args.env_file or list(DEFAULT_ENV_FILES), args.timeout)
+    except Exception as exc:  # an unreadable env file, no systemctl, a broker that refuses us
+        # One line for verify.yml to quote, not a traceback.
+        sys.stderr.write(f"celery-fleet-status: {' '.join(f'{type(exc).__name__}: {exc}'.split())}\n")
+        return 1
+    json.dump(report, sys.stdout)
     sys.stdout.write("\n")
     return 0
 

@@ -6,7 +6,7 @@ import itertools
 import math
 
 import pytest
-from fleet_testing import VENV, exposure, fleet_json, journal, redis_cli
+from fleet_testing import VENV, exposure, fleet_json, journal, playbook, redis_cli
 
 LOCK_KEY = "celery-fleet:beat-leader"
 BROKER_ADDRESS = "172.30.78.10"
@@ -50,10 +50,12 @@ def test_redis_listens_on_its_private_address_and_refuses_strangers(worker):
 
 
 GPU_QUEUES = {"training", "extraction"}
+CPU_QUEUES = {"high_priority", "datasets", "processing", "low_priority"}
 
 
 def test_tasks_round_trip_across_hosts(beat_hosts):
     results = fleet_json(beat_hosts[0], f"{VENV}/bin/python -m demo_app.demo --timeout 60")
+    assert set(results) == GPU_QUEUES | CPU_QUEUES
     for queue, [result] in results.items():
         assert "error" not in result, f"{queue}: {result}"
         assert result["hostname"] == ("cluster-worker2" if queue in GPU_QUEUES else "cluster-worker1")
@@ -120,3 +122,9 @@ def test_no_gap_longer_than_the_lease_ttl_plus_a_few_seconds(broker, settings):
 def test_beat_unit_exposure_is_under_its_bar(beat_hosts):
     for host in beat_hosts:
         assert exposure(host, "celery-beat.service") <= 1.5, host.backend.host
+
+
+def test_the_verify_playbook_passes_across_the_fleet(host):
+    # Every worker on both worker hosts, one leader of two candidates, Flower on its own host seeing them all.
+    run = playbook("playbooks/verify.yml", host.backend.ansible_inventory)
+    assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]

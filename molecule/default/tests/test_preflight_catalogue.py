@@ -108,7 +108,7 @@ CASES = [
         "memory limits above the host's RAM",
         (),
         lambda hv: {"celery_workers": workers(hv, high={"memory_max": "4T"})},
-        ["celery_workers", "memory_max", "Fix"],
+        [f"{HOST}: the memory_max of its celery_workers adds up to", "Fix"],
     ),
     (
         "no beat candidate",
@@ -145,13 +145,19 @@ CASES = [
         "a queue no worker consumes",
         (),
         lambda hv: {"celery_workers": workers(hv, low=None)},
-        ["low_priority", "Fix"],
+        ["fleet: queue 'low_priority' has no worker", "Fix"],
     ),
     (
         "stop_timeout beyond the visibility timeout",
         (),
         lambda hv: {"celery_workers": workers(hv, gpu={"stop_timeout": 9000})},
         ["visibility", "stop_timeout", "Fix"],
+    ),
+    (
+        "a broker address that is not the host's",
+        (),
+        lambda hv: {"redis_private_address": "192.0.2.99"},
+        ["redis_private_address 192.0.2.99 is not an address of this host", "Fix"],
     ),
     (
         "beat lease renewed too late",
@@ -188,7 +194,18 @@ def test_site_refuses_an_invalid_inventory_and_changes_nothing(host, hostvars, t
     assert snapshot(host) == before, f"{name}: the host changed"
 
 
-def test_verify_catches_a_worker_stopped_by_hand(host, hostvars, tmp_path):
+@pytest.mark.parametrize(
+    ("unit", "message"),
+    [
+        ("celery-worker@low", f"{HOST}: celery-worker@low.service is inactive (dead)"),
+        (
+            "celery-beat",
+            f"{HOST}: celery-beat.service is inactive (dead), so this candidate can neither lead",
+        ),
+    ],
+    ids=["worker", "beat"],
+)
+def test_verify_catches_a_unit_stopped_by_hand(host, hostvars, tmp_path, unit, message):
     inventory = {
         "all": {
             "vars": {"ansible_connection": "community.docker.docker", **{k: hostvars[k] for k in BASE_VARS}},
@@ -197,12 +214,12 @@ def test_verify_catches_a_worker_stopped_by_hand(host, hostvars, tmp_path):
     }
     (tmp_path / "hosts.yml").write_text(yaml.safe_dump(inventory))
     assert playbook("playbooks/verify.yml", tmp_path / "hosts.yml").returncode == 0
-    host.run("systemctl stop celery-worker@low")
+    host.run(f"systemctl stop {unit}")
     try:
         run = playbook("playbooks/verify.yml", tmp_path / "hosts.yml")
     finally:
-        host.run("systemctl start celery-worker@low")
+        host.run(f"systemctl start {unit}")
     output = run.stdout + run.stderr
     assert run.returncode != 0, output[-3000:]
-    assert f"{HOST}: celery-worker@low.service is inactive (dead)" in output, output[-3000:]
+    assert message in output, output[-3000:]
     assert "Traceback" not in output
