@@ -168,6 +168,21 @@ CASES = [
 ]
 
 
+def assert_refused(host, inventory: dict, tmp_path, name: str, fragments: list[str]) -> None:
+    """site.yml fails on ``inventory`` with a message holding every fragment, and the host is unchanged."""
+    (tmp_path / "hosts.yml").write_text(yaml.safe_dump(inventory))
+    before = snapshot(host)
+    run = playbook("site.yml", tmp_path / "hosts.yml")
+    output = run.stdout + run.stderr
+    assert run.returncode != 0, f"{name}: site.yml accepted it\n{output[-3000:]}"
+    assert "Traceback" not in output, output[-3000:]
+    for fragment in fragments:
+        assert fragment in output, f"{name}: {fragment!r} missing from\n{output[-3000:]}"
+    # The message itself names the host, or the fleet for a fleet-wide problem.
+    assert f"{HOST}: " in output or "fleet: " in output, output[-3000:]
+    assert snapshot(host) == before, f"{name}: the host changed"
+
+
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_site_refuses_an_invalid_inventory_and_changes_nothing(host, hostvars, tmp_path, case):
     name, without, variables, fragments = case
@@ -181,17 +196,23 @@ def test_site_refuses_an_invalid_inventory_and_changes_nothing(host, hostvars, t
             "children": {g: {"hosts": {HOST: None}} for g in GROUPS if g not in without},
         }
     }
-    (tmp_path / "hosts.yml").write_text(yaml.safe_dump(inventory))
-    before = snapshot(host)
-    run = playbook("site.yml", tmp_path / "hosts.yml")
-    output = run.stdout + run.stderr
-    assert run.returncode != 0, f"{name}: site.yml accepted it\n{output[-3000:]}"
-    assert "Traceback" not in output, output[-3000:]
-    for fragment in fragments:
-        assert fragment in output, f"{name}: {fragment!r} missing from\n{output[-3000:]}"
-    # The message itself names the host, or the fleet for a fleet-wide problem.
-    assert f"{HOST}: " in output or "fleet: " in output, output[-3000:]
-    assert snapshot(host) == before, f"{name}: the host changed"
+    assert_refused(host, inventory, tmp_path, name, fragments)
+
+
+def test_site_refuses_two_worker_hosts_with_one_hostname(host, hostvars, tmp_path):
+    # A second inventory host reaching the same machine: two cloned VMs that kept their template's hostname.
+    twin = "celery-fleet-twin"
+    inventory = {
+        "all": {
+            "vars": {"ansible_connection": "community.docker.docker", **{k: hostvars[k] for k in BASE_VARS}},
+            "children": {
+                **{g: {"hosts": {HOST: None}} for g in GROUPS},
+                "celery_workers": {"hosts": {HOST: None, twin: {"ansible_host": HOST}}},
+            },
+        }
+    }
+    fragments = [f"fleet: worker hosts {HOST}, {twin} share the hostname", "Fix"]
+    assert_refused(host, inventory, tmp_path, "shared hostname", fragments)
 
 
 @pytest.mark.parametrize(
