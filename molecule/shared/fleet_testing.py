@@ -81,13 +81,17 @@ def hostvars(host):
     return {**raw, **resolved}
 
 
-def playbook(name: str, *inventories: str | Path) -> subprocess.CompletedProcess:
+def playbook(
+    name: str, *inventories: str | Path, extra_vars: dict | None = None
+) -> subprocess.CompletedProcess:
     """Run one of the project's playbooks from the controller, as a user would."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ANSIBLE_", "MOLECULE_"))}
     env |= {"ANSIBLE_CONFIG": str(ROOT / "ansible.cfg"), "ANSIBLE_HOME": str(ROOT / ".cache" / "ansible")}
-    sources = [arg for inventory in inventories for arg in ("-i", str(inventory))]
+    args = [arg for inventory in inventories for arg in ("-i", str(inventory))]
+    if extra_vars:
+        args += ["--extra-vars", json.dumps(extra_vars)]
     return subprocess.run(
-        [str(Path(sys.executable).parent / "ansible-playbook"), *sources, name],
+        [str(Path(sys.executable).parent / "ansible-playbook"), *args, name],
         cwd=ROOT,
         env=env,
         capture_output=True,

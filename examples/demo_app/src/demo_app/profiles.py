@@ -95,6 +95,9 @@ _MISTUDIO_ROUTES = {
 MISTUDIO = Profile(
     name="mistudio",
     queues=("high_priority", "datasets", "processing", "training", "extraction", "low_priority"),
+    # The seed keeps Celery's default queue, `celery`, which none of its workers
+    # consume: an unrouted task would wait forever (preflight names it). Here
+    # unrouted tasks (the demo's own probes) go to the "quick tasks" queue.
     default_queue="high_priority",
     routes={**_MISTUDIO_ROUTES, TICK: "low_priority"},
     probes=_first_per_queue(_MISTUDIO_ROUTES),
