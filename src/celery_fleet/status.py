@@ -17,6 +17,7 @@ import sys
 import time
 from typing import Any
 
+from celery_fleet.app_report import one_line
 from celery_fleet.beat_guard import DEFAULT_STATE_FILE, read_deadline
 from celery_fleet.envfile import read_env_file
 
@@ -114,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         report = collect(args.env_file or list(DEFAULT_ENV_FILES), args.timeout)
     except Exception as exc:  # an unreadable env file, no systemctl, a broker that refuses us
         # One line for verify.yml to quote, not a traceback.
-        sys.stderr.write(f"celery-fleet-status: {' '.join(f'{type(exc).__name__}: {exc}'.split())}\n")
+        sys.stderr.write(f"celery-fleet-status: {one_line(exc)}\n")
         return 1
     json.dump(report, sys.stdout)
     sys.stdout.write("\n")
