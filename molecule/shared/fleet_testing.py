@@ -16,6 +16,11 @@ VENV = "/opt/celery-fleet/venv"
 FLEET_ENV = "set -a; . /etc/celery-fleet/celery.env; . /etc/celery-fleet/broker.env; set +a; cd /tmp"
 
 
+def other(host, name: str):
+    """Another host of the scenario's inventory, reached the way ``host`` is."""
+    return host.get_host(f"ansible://{name}", ansible_inventory=host.backend.ansible_inventory)
+
+
 def fleet_json(host, command: str):
     """Run a command with the fleet's environment and parse its JSON output."""
     result = host.run(f"{FLEET_ENV}; timeout 120 {command}")

@@ -6,17 +6,13 @@ import itertools
 import math
 
 import pytest
-from fleet_testing import VENV, exposure, fleet_json, journal, playbook, redis_cli
+from fleet_testing import VENV, exposure, fleet_json, journal, other, playbook, redis_cli
 
 LOCK_KEY = "celery-fleet:beat-leader"
 BROKER_ADDRESS = "172.30.78.10"
 
 # Cluster-wide checks run once, from the broker; other hosts are reached through it.
 testinfra_hosts = ["ansible://cluster-broker"]
-
-
-def other(host, name: str):
-    return host.get_host(f"ansible://{name}", ansible_inventory=host.backend.ansible_inventory)
 
 
 @pytest.fixture(scope="module")
