@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+import time
+
+from conftest import demo_env, start_demo_worker
+
 from celery_fleet import status
 from celery_fleet.envfile import read_env_file
 
@@ -49,3 +56,35 @@ def test_a_probe_that_cannot_run_says_why_in_one_line(tmp_path, capsys):
     assert captured.out == ""
     [line] = captured.err.splitlines()
     assert line.startswith("celery-fleet-status: FileNotFoundError:") and str(missing) in line
+
+
+def test_fleet_lists_every_worker_the_broker_reaches_with_its_queues(redis_server, tmp_path):
+    """Two real workers on a real redis-server, one of them started by hand without -Q: both are found."""
+    env_file = tmp_path / "broker.env"
+    env_file.write_text(f"CELERY_BROKER_URL={redis_server.url}\n")
+    env = demo_env(redis_server)
+    probe = [
+        sys.executable,
+        "-m",
+        "celery_fleet.status",
+        "--env-file",
+        str(env_file),
+        "--fleet",
+        "--timeout",
+        "2",
+    ]
+    workers = [
+        start_demo_worker(env, "high@h1", "high_priority,datasets"),
+        start_demo_worker(env, "celery@h2", "celery"),
+    ]
+    try:
+        nodes: dict = {}
+        deadline = time.monotonic() + 60
+        while len(nodes) < 2 and time.monotonic() < deadline:
+            out = subprocess.run(probe, env=env, capture_output=True, text=True, timeout=30, check=True)
+            nodes = json.loads(out.stdout)["nodes"]
+        assert nodes == {"celery@h2": ["celery"], "high@h1": ["datasets", "high_priority"]}
+    finally:
+        for worker in workers:
+            worker.terminate()
+            worker.wait(timeout=20)

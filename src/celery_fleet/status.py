@@ -4,6 +4,8 @@
 systemd state and, for each worker unit, asks that very worker (by node name)
 which queues it consumes and how many tasks it has completed. It prints JSON
 for ``playbooks/status.yml`` to aggregate into the fleet's status table.
+``--fleet`` instead lists every worker the broker reaches, on any host, so
+``playbooks/verify.yml`` can find workers that the inventory does not run.
 """
 
 from __future__ import annotations
@@ -75,12 +77,28 @@ def summarize(
     return rows
 
 
-def collect(env_files: list[str], timeout: float) -> dict[str, Any]:
-    """This host's fleet units, each worker's own answer, and whether this host's beat leads."""
+def load_env(env_files: list[str]) -> None:
+    """The broker's address and credentials, from the environment files the units read."""
     for path in env_files:
         with open(path, encoding="utf-8") as f:
             os.environ.update(read_env_file(f.read()))
 
+
+def fleet_nodes(timeout: float) -> dict[str, list[str]]:
+    """Every worker connected to the broker, on any host, with the queues it consumes."""
+    from celery import Celery  # noqa: PLC0415 -- keep --help fast
+
+    app = Celery("celery-fleet-status")
+    try:
+        # A broadcast: it waits the whole timeout, as it cannot know how many workers will answer.
+        replies = app.control.inspect(timeout=timeout).active_queues() or {}
+    finally:
+        app.close()
+    return {node: sorted(q["name"] for q in queues) for node, queues in sorted(replies.items())}
+
+
+def collect(timeout: float) -> dict[str, Any]:
+    """This host's fleet units, each worker's own answer, and whether this host's beat leads."""
     hostname = socket.gethostname()
     units = list_units()
     nodes = [n for n in (node_name(u["unit"], hostname) for u in units) if n]
@@ -110,9 +128,15 @@ def main(argv: list[str] | None = None) -> int:
         help="environment file the units use (repeatable); default: the fleet's own",
     )
     parser.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for workers to answer")
+    parser.add_argument(
+        "--fleet",
+        action="store_true",
+        help="list every worker the broker reaches, on any host, with its queues (not this host's units)",
+    )
     args = parser.parse_args(argv)
     try:
-        report = collect(args.env_file or list(DEFAULT_ENV_FILES), args.timeout)
+        load_env(args.env_file or list(DEFAULT_ENV_FILES))
+        report = {"nodes": fleet_nodes(args.timeout)} if args.fleet else collect(args.timeout)
     except Exception as exc:  # an unreadable env file, no systemctl, a broker that refuses us
         # One line for verify.yml to quote, not a traceback.
         sys.stderr.write(f"celery-fleet-status: {one_line(exc)}\n")

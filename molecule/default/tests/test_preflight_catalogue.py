@@ -3,9 +3,11 @@ the variable and the fix, and leaves the host exactly as it was."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import yaml
-from fleet_testing import playbook, snapshot
+from fleet_testing import VENV, fleet_json, journal, playbook, snapshot
 
 HOST = "celery-fleet-default"
 GROUPS = ("celery_broker", "celery_workers", "celery_beat", "celery_flower")
@@ -243,4 +245,40 @@ def test_verify_catches_a_unit_stopped_by_hand(host, hostvars, tmp_path, unit, m
     output = run.stdout + run.stderr
     assert run.returncode != 0, output[-3000:]
     assert message in output, output[-3000:]
+    assert "Traceback" not in output
+
+
+def test_verify_catches_a_worker_started_by_hand(host, hostvars, tmp_path):
+    # The seed's classic: `celery worker` started by hand without -Q, consuming only `celery`.
+    inventory = {
+        "all": {
+            "vars": {"ansible_connection": "community.docker.docker", **{k: hostvars[k] for k in BASE_VARS}},
+            "children": {g: {"hosts": {HOST: None}} for g in GROUPS},
+        }
+    }
+    (tmp_path / "hosts.yml").write_text(yaml.safe_dump(inventory))
+    node = f"by-hand@{host.check_output('hostname')}"
+    unit = "celery-fleet-test-by-hand"
+    started = host.run(
+        f"systemd-run --unit={unit} --working-directory=/tmp "
+        "--property=EnvironmentFile=/etc/celery-fleet/celery.env "
+        "--property=EnvironmentFile=/etc/celery-fleet/broker.env "
+        f"{VENV}/bin/celery --app demo_app worker --hostname={node} --queues=celery --pool=solo"
+    )
+    assert started.rc == 0, started.stderr
+    try:
+        for _ in range(30):
+            if node in fleet_json(host, f"{VENV}/bin/celery-fleet-status --fleet")["nodes"]:
+                break
+            time.sleep(2)
+        else:
+            pytest.fail(f"{node} never answered:\n{journal(host, unit)}")
+        run = playbook("playbooks/verify.yml", tmp_path / "hosts.yml")
+    finally:
+        host.run(f"systemctl stop {unit}")
+    output = run.stdout + run.stderr
+    assert run.returncode != 0, output[-3000:]
+    assert f"fleet: {node} consumes celery; no celery_workers entry on any host runs it" in output, output[
+        -3000:
+    ]
     assert "Traceback" not in output
