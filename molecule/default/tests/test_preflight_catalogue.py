@@ -170,6 +170,20 @@ CASES = [
 ]
 
 
+def inventory(hostvars, variables: dict | None = None, without: tuple[str, ...] = ()) -> dict:
+    """The scenario's one host in every group but ``without``, with its variables changed by ``variables``."""
+    return {
+        "all": {
+            "vars": {
+                "ansible_connection": "community.docker.docker",
+                **{k: hostvars[k] for k in BASE_VARS},
+                **(variables or {}),
+            },
+            "children": {g: {"hosts": {HOST: None}} for g in GROUPS if g not in without},
+        }
+    }
+
+
 def assert_refused(host, inventory: dict, tmp_path, name: str, fragments: list[str]) -> None:
     """site.yml fails on ``inventory`` with a message holding every fragment, and the host is unchanged."""
     (tmp_path / "hosts.yml").write_text(yaml.safe_dump(inventory))
@@ -188,33 +202,16 @@ def assert_refused(host, inventory: dict, tmp_path, name: str, fragments: list[s
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_site_refuses_an_invalid_inventory_and_changes_nothing(host, hostvars, tmp_path, case):
     name, without, variables, fragments = case
-    inventory = {
-        "all": {
-            "vars": {
-                "ansible_connection": "community.docker.docker",
-                **{k: hostvars[k] for k in BASE_VARS},
-                **variables(hostvars),
-            },
-            "children": {g: {"hosts": {HOST: None}} for g in GROUPS if g not in without},
-        }
-    }
-    assert_refused(host, inventory, tmp_path, name, fragments)
+    assert_refused(host, inventory(hostvars, variables(hostvars), without), tmp_path, name, fragments)
 
 
 def test_site_refuses_two_worker_hosts_with_one_hostname(host, hostvars, tmp_path):
     # A second inventory host reaching the same machine: two cloned VMs that kept their template's hostname.
     twin = "celery-fleet-twin"
-    inventory = {
-        "all": {
-            "vars": {"ansible_connection": "community.docker.docker", **{k: hostvars[k] for k in BASE_VARS}},
-            "children": {
-                **{g: {"hosts": {HOST: None}} for g in GROUPS},
-                "celery_workers": {"hosts": {HOST: None, twin: {"ansible_host": HOST}}},
-            },
-        }
-    }
+    hosts = inventory(hostvars)
+    hosts["all"]["children"]["celery_workers"]["hosts"][twin] = {"ansible_host": HOST}
     fragments = [f"fleet: worker hosts {HOST}, {twin} share the hostname", "Fix"]
-    assert_refused(host, inventory, tmp_path, "shared hostname", fragments)
+    assert_refused(host, hosts, tmp_path, "shared hostname", fragments)
 
 
 @pytest.mark.parametrize(
@@ -229,13 +226,7 @@ def test_site_refuses_two_worker_hosts_with_one_hostname(host, hostvars, tmp_pat
     ids=["worker", "beat"],
 )
 def test_verify_catches_a_unit_stopped_by_hand(host, hostvars, tmp_path, unit, message):
-    inventory = {
-        "all": {
-            "vars": {"ansible_connection": "community.docker.docker", **{k: hostvars[k] for k in BASE_VARS}},
-            "children": {g: {"hosts": {HOST: None}} for g in GROUPS},
-        }
-    }
-    (tmp_path / "hosts.yml").write_text(yaml.safe_dump(inventory))
+    (tmp_path / "hosts.yml").write_text(yaml.safe_dump(inventory(hostvars)))
     assert playbook("playbooks/verify.yml", tmp_path / "hosts.yml").returncode == 0
     host.run(f"systemctl stop {unit}")
     try:
@@ -250,13 +241,7 @@ def test_verify_catches_a_unit_stopped_by_hand(host, hostvars, tmp_path, unit, m
 
 def test_verify_catches_a_worker_started_by_hand(host, hostvars, tmp_path):
     # The seed's classic: `celery worker` started by hand without -Q, consuming only `celery`.
-    inventory = {
-        "all": {
-            "vars": {"ansible_connection": "community.docker.docker", **{k: hostvars[k] for k in BASE_VARS}},
-            "children": {g: {"hosts": {HOST: None}} for g in GROUPS},
-        }
-    }
-    (tmp_path / "hosts.yml").write_text(yaml.safe_dump(inventory))
+    (tmp_path / "hosts.yml").write_text(yaml.safe_dump(inventory(hostvars)))
     node = f"by-hand@{host.check_output('hostname')}"
     unit = "celery-fleet-test-by-hand"
     started = host.run(
