@@ -17,10 +17,14 @@ from pathlib import Path
 
 import pytest
 import redis
+from ansible.utils.collection_loader._collection_finder import _AnsibleCollectionFinder
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "examples" / "demo_app" / "src"))
 sys.path.insert(0, str(ROOT / "src"))
+# The project's own collection (celery_fleet.fleet), found the way ansible.cfg's collections_path finds it,
+# so plugins import its module_utils as they do under Ansible.
+_AnsibleCollectionFinder(paths=[str(ROOT / "collections")])._install()
 
 
 def load_plugin(relative: str):

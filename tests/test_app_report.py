@@ -233,9 +233,9 @@ def test_console_script_is_declared():
 
 @pytest.fixture(scope="module")
 def wheelhouse(probe_project: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A wheelhouse of the demo app, the probe app and celery-fleet for this Python; cached by digest."""
+    """The demo app, the probe app, celery-fleet and Flower for this Python; cached by digest."""
     sources = [ROOT / "examples" / "demo_app", probe_project, ROOT]
-    return build_wheelhouse(sources, [], tmp_path_factory.mktemp("wheelhouse"))
+    return build_wheelhouse(sources, ["flower==2.2.0"], tmp_path_factory.mktemp("wheelhouse"))
 
 
 @pytest.fixture
@@ -247,26 +247,89 @@ def scratch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return scratch
 
 
-def test_module_reports_the_app_from_the_wheelhouse_then_from_its_cache(wheelhouse, scratch, tmp_path):
+# What the units' command lines could hold: what preflight must see, and what a parser refuses.
+ARGUMENTS = [
+    {"command": "worker", "args": ["-EB", "--hostname=ingest@%h", "-Qa,b", "task_default_queue=x"]},
+    {"command": "worker", "args": ["-A", "probe_app"]},
+    {"command": "beat", "args": ["--schedule", "/tmp/schedule", "--no-enable-remote-control"]},
+    {"command": "flower", "args": ["--address=127.0.0.1", "--port=5555", "--basic-auth=u:p", "-A", "x"]},
+    {"command": "flower", "args": ["--port", "5555"]},
+]
+
+
+@pytest.fixture
+def steps(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
+    """Every command the module runs, in order."""
+    ran: list[list[str]] = []
+    real = subprocess.run
+
+    def run(cmd, *args, **kwargs):
+        ran.append([str(c) for c in cmd])
+        return real(cmd, *args, **kwargs)
+
+    monkeypatch.setattr(module.subprocess, "run", run)
+    return ran
+
+
+def test_module_reports_every_app_and_parses_the_command_lines_in_one_venv(
+    wheelhouse, probe_project, scratch, steps, tmp_path
+):
     cache = tmp_path / "cache"
-    report, cached = module.app_report(wheelhouse, "demo_app", {}, sys.executable, cache_dir=cache)
+    apps = ["demo_app", "probe_app", "demo_app"]
+    answer, cached = module.fleet_report(
+        wheelhouse, apps, {}, sys.executable, arguments=ARGUMENTS, cache_dir=cache
+    )
     assert cached is False
-    assert report == app_report_of("demo_app")  # the wheelhouse holds the same demo app as the tree
+    # One virtualenv and one install; each distinct app in its own process; one parse.
+    assert sum("venv" in cmd for cmd in steps) == 1
+    assert sum("install" in cmd for cmd in steps) == 1
+    assert [cmd[-1] for cmd in steps if "celery_fleet.app_report" in cmd] == ["demo_app", "probe_app"]
+    assert sum("celery_fleet.cli_report" in cmd for cmd in steps) == 1
+    assert list(answer["reports"]) == ["demo_app", "probe_app"]
+    # The wheelhouse holds the same apps as the tree.
+    assert answer["reports"]["demo_app"] == app_report_of("demo_app")
+    assert answer["reports"]["probe_app"] == app_report_of("probe_app", probe_project / "src")
+    cli = answer["cli"]
+    assert set(cli) == {"parsed", "envvars", "flower_envvars"}
+    assert cli["parsed"] == [
+        {
+            "set": ["task_events", "beat", "hostname", "queues"],
+            "extra": ["task_default_queue=x"],
+            "error": None,
+        },
+        {"set": [], "extra": [], "error": "No such option '-A'."},
+        {"set": ["schedule", "remote_control"], "extra": [], "error": None},
+        {"set": ["address", "port", "basic_auth"], "extra": ["-A", "x"], "error": None},
+        {"set": [], "extra": [], "error": "Option 'port' requires a value"},
+    ]
+    assert {"CELERY_WORKER_BEAT", "CELERY_APP", "APP", "BROKER_URL"} <= set(cli["envvars"])
+    assert "FLOWER_BASIC_AUTH" in cli["flower_envvars"]  # Flower is in this wheelhouse
     assert list(scratch.iterdir()) == []
     assert len(list(cache.glob("app-report-*.json"))) == 1
-    # A cached report needs no interpreter at all: no virtualenv is built.
-    again, cached = module.app_report(wheelhouse, "demo_app", {}, "/nonexistent/python", cache_dir=cache)
-    assert (again, cached) == (report, True)
+    # A cached answer needs no interpreter at all: no virtualenv is built.
+    steps.clear()
+    again = module.fleet_report(
+        wheelhouse, apps, {}, "/nonexistent/python", arguments=ARGUMENTS, cache_dir=cache
+    )
+    assert again == (answer, True)
+    assert steps == []
     # Through AnsibleModule, as a playbook calls it; check mode runs it too.
-    answer = run_ansible_module(
+    answer_ansible = run_ansible_module(
         ROOT / "playbooks/library/celery_app_report.py",
-        {"archive": str(wheelhouse), "app": "demo_app", "cache_dir": str(cache), "_ansible_check_mode": True},
+        {
+            "archive": str(wheelhouse),
+            "apps": apps,
+            "arguments": ARGUMENTS,
+            "cache_dir": str(cache),
+            "_ansible_check_mode": True,
+        },
         tmp_path,
         timeout=60,
     )
-    assert answer["changed"] is False
-    assert answer["cached"] is True
-    assert answer["report"] == report
+    assert answer_ansible["changed"] is False
+    assert answer_ansible["cached"] is True
+    assert answer_ansible["reports"] == answer["reports"]
+    assert answer_ansible["cli"] == answer["cli"]
 
 
 def test_module_passes_only_the_given_environment(wheelhouse, scratch, monkeypatch):
@@ -277,38 +340,48 @@ def test_module_passes_only_the_given_environment(wheelhouse, scratch, monkeypat
     assert list(scratch.iterdir()) == []
 
 
-def test_cache_key_follows_archive_app_and_environment():
+def test_cache_key_follows_archive_apps_environment_and_arguments():
     archive = Path("/cache/wheelhouse-0123456789abcdef.tar.gz")
-    key = module.cache_key(archive, "demo_app", {"A": "1", "B": "2"})
-    assert key == module.cache_key(archive, "demo_app", {"B": "2", "A": "1"})
-    assert key != module.cache_key(archive, "demo_app", {"A": "1", "B": "3"})
-    assert key != module.cache_key(archive, "probe_app", {"A": "1", "B": "2"})
-    assert key != module.cache_key(archive.with_name("wheelhouse-fedcba9876543210.tar.gz"), "demo_app", {})
+    worker = [{"command": "worker", "args": ["-B"]}]
+    key = module.cache_key(archive, ["demo_app"], {"A": "1", "B": "2"}, worker)
+    assert key == module.cache_key(archive, ["demo_app"], {"B": "2", "A": "1"}, worker)
+    assert key != module.cache_key(archive, ["demo_app"], {"A": "1", "B": "3"}, worker)
+    assert key != module.cache_key(archive, ["probe_app"], {"A": "1", "B": "2"}, worker)
+    assert key != module.cache_key(archive, ["demo_app", "probe_app"], {"A": "1", "B": "2"}, worker)
+    assert key != module.cache_key(archive, ["demo_app"], {"A": "1", "B": "2"}, [])
+    assert key != module.cache_key(
+        archive, ["demo_app"], {"A": "1", "B": "2"}, [{"command": "worker", "args": ["-E"]}]
+    )
+    other = archive.with_name("wheelhouse-fedcba9876543210.tar.gz")
+    assert module.cache_key(archive, ["demo_app"], {}, []) != module.cache_key(other, ["demo_app"], {}, [])
 
 
 def test_module_names_the_app_when_it_does_not_import(wheelhouse, scratch, tmp_path):
     with pytest.raises(module.ReportError) as failure:
-        module.app_report(wheelhouse, "no_such_app", {}, sys.executable, cache_dir=tmp_path / "cache")
+        module.fleet_report(
+            wheelhouse, ["demo_app", "no_such_app"], {}, sys.executable, cache_dir=tmp_path / "cache"
+        )
     message = str(failure.value)
-    assert message.startswith(f"importing the app from {wheelhouse.name} (celery_app_module 'no_such_app')")
+    assert message.startswith(f"importing the app from {wheelhouse.name} (app 'no_such_app') failed")
     assert "ModuleNotFoundError: No module named 'no_such_app'" in message
     assert list(scratch.iterdir()) == []
-    assert not (tmp_path / "cache").exists()  # failures are never cached
+    # Failures are never cached (the virtualenv of the wheelhouse is, as it is the same for every app).
+    assert not list((tmp_path / "cache").glob("app-report-*"))
 
 
 def test_module_fails_with_the_message_through_ansible(tmp_path):
     missing = tmp_path / "wheelhouse-0123456789abcdef.tar.gz"
     answer = run_ansible_module(
         ROOT / "playbooks/library/celery_app_report.py",
-        {"archive": str(missing), "app": "demo_app"},
+        {"archive": str(missing), "apps": ["demo_app"]},
         tmp_path,
         60,
     )
     assert answer["failed"] is True
-    assert (
-        answer["msg"]
-        == f"celery_app_report: wheelhouse archive {missing} does not exist; celery_wheelhouse builds it"
+    assert answer["msg"].startswith(
+        f"fleet: celery_app_report: wheelhouse archive {missing} does not exist; celery_wheelhouse builds it"
     )
+    assert "Fix:" in answer["msg"]
 
 
 def test_module_names_the_pip_step_when_the_wheelhouse_is_incomplete(scratch, tmp_path):
@@ -319,9 +392,9 @@ def test_module_names_the_pip_step_when_the_wheelhouse_is_incomplete(scratch, tm
     with tarfile.open(archive, "w:gz") as tar:
         tar.add(house, arcname=house.name)
     with pytest.raises(module.ReportError) as failure:
-        module.app_report(archive, "demo_app", {}, sys.executable)
+        module.fleet_report(archive, ["demo_app", "probe_app"], {}, sys.executable)
     message = str(failure.value)
-    assert message.startswith(f"pip install --no-index of {archive.name} (celery_app_module 'demo_app')")
+    assert message.startswith(f"pip install --no-index of {archive.name} (apps 'demo_app', 'probe_app')")
     assert "not-in-this-house" in message
     assert list(scratch.iterdir()) == []
 
@@ -336,3 +409,46 @@ def test_module_refuses_what_is_not_a_wheelhouse(scratch, tmp_path):
     with pytest.raises(module.ReportError, match="is not a wheelhouse archive"):
         module.app_report(archive, "demo_app")
     assert list(scratch.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        ({"apps": []}, "apps is empty"),
+        ({"apps": ["demo_app"], "arguments": [{"command": "celery", "args": []}]}, "command"),
+        ({"apps": ["demo_app"], "arguments": [{"args": ["-B"]}]}, "command"),
+        ({"app": "demo_app"}, "apps"),
+    ],
+)
+def test_module_refuses_bad_options_through_ansible(tmp_path, args, fragment):
+    archive = tmp_path / "wheelhouse-0123456789abcdef.tar.gz"
+    archive.write_bytes(b"")  # validation comes first; nothing is unpacked
+    answer = run_ansible_module(
+        ROOT / "playbooks/library/celery_app_report.py", {"archive": str(archive), **args}, tmp_path, 60
+    )
+    assert answer["failed"] is True
+    assert fragment in answer["msg"]
+
+
+def test_documentation_matches_the_argument_spec():
+    import yaml  # noqa: PLC0415
+
+    keys = ("type", "elements", "required", "default", "choices")
+
+    def shape(options: dict) -> dict:
+        return {
+            name: {
+                **{k: v for k, v in spec.items() if k in keys and v not in (None, False)},
+                **({"options": shape(spec["options"])} if "options" in spec else {}),
+            }
+            for name, spec in options.items()
+        }
+
+    documented = yaml.safe_load(module.DOCUMENTATION)["options"]
+    for spec in documented.values():  # the documentation's word for the spec's "options"
+        if "suboptions" in spec:
+            spec["options"] = spec.pop("suboptions")
+    assert shape(documented) == shape(module.ARGUMENT_SPEC)
+    returned = yaml.safe_load(module.RETURN)
+    assert set(returned) == {"reports", "cli", "cached"}
+    assert set(returned["cli"]["contains"]) == {"parsed", "envvars", "flower_envvars"}

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
+from celery import Celery
 from conftest import ROOT, demo_env, run_demo, start_demo_worker
+
+COMPONENT_APPS = ("demo_app.apps.gpu", "demo_app.apps.cpu", "demo_app.apps.io", "demo_app.apps.beat")
 
 
 @pytest.fixture
@@ -112,8 +117,9 @@ def test_a_tick_records_when_it_was_dispatched_not_when_it_ran(worker_env, redis
         while not client.llen("demo:ticks") and time.monotonic() < deadline:
             time.sleep(0.1)
         [line] = client.lrange("demo:ticks", 0, -1)
-        dispatched, _, node, ran = line.decode().split()
+        dispatched, _, node, ran, sender = line.decode().split()
         assert node == "low@test"
+        assert sender == "demo_app"  # published through the base app
         assert sent <= float(dispatched) < sent + 1.0
         assert float(ran) - float(dispatched) >= 1.5
     finally:
@@ -164,3 +170,120 @@ def test_gpu_probe_reports_pinning_threads_affinity_and_device_errors(monkeypatc
     assert "MKL_NUM_THREADS" not in got["threads"]
     assert got["cpu_affinity"] == sorted(os.sched_getaffinity(0))
     assert got["pid"] == os.getpid()
+
+
+def start_app_worker(env, app: str, node: str, queues: str, **popen: object) -> subprocess.Popen:
+    """Like conftest's start_demo_worker, but for any app module: ``celery -A <app> worker``."""
+    argv = [sys.executable, "-m", "celery", "--app", app, "worker", f"--hostname={node}"]
+    argv += [
+        f"--queues={queues}",
+        "--pool=solo",
+        "--without-mingle",
+        "--without-gossip",
+        "--loglevel=WARNING",
+    ]
+    return subprocess.Popen(argv, env=env, **popen)  # type: ignore[call-overload]
+
+
+def client_of(env) -> Celery:
+    """A bare client that sends by task name, as another service would; not made the current app."""
+    app = Celery(
+        "whoami-test",
+        broker=env["CELERY_BROKER_URL"],
+        backend=env["CELERY_RESULT_BACKEND"],
+        set_as_current=False,
+    )
+    app.conf.update(redis_socket_timeout=10, broker_transport_options={"socket_timeout": 10})
+    return app
+
+
+def test_each_worker_answers_whoami_with_the_app_it_runs(worker_env):
+    workers = [
+        start_app_worker(worker_env, "demo_app.apps.gpu", "gpu@test", "training"),
+        start_app_worker(worker_env, "demo_app", "base@test", "high_priority"),
+    ]
+    client = client_of(worker_env)
+    try:
+        gpu = client.send_task("demo_app.tasks.whoami", queue="training").get(timeout=60)
+        base = client.send_task("demo_app.tasks.whoami", queue="high_priority").get(timeout=60)
+        assert (gpu["app"], gpu["worker"], gpu["queue"]) == ("demo_app.apps.gpu", "gpu@test", "training")
+        assert (base["app"], base["worker"], base["queue"]) == ("demo_app", "base@test", "high_priority")
+        # The component app runs every task, not only whoami.
+        trained = client.send_task("demo_app.tasks.train", args=(10,), queue="training").get(timeout=60)
+        assert trained["worker"] == "gpu@test"
+    finally:
+        client.close()
+        for w in workers:
+            stop(w)
+
+
+# Each app resolved as `celery -A <module>` does, in a fresh interpreter (each app made becomes current).
+APPS_REPORT = """
+import json, sys
+from celery.app.utils import find_app
+from demo_app.delivery import DeliveryCappedTask
+
+out = {}
+for name in sys.argv[1:]:
+    app = find_app(name)
+    app.loader.import_default_modules()
+    tasks = {n: t for n, t in app.tasks.items() if not n.startswith("celery.")}
+    out[name] = {
+        "main": app.main,
+        "tasks": sorted(tasks),
+        "capped": all(isinstance(t, DeliveryCappedTask) and t.app is app for t in tasks.values()),
+        "queues": [q.name for q in app.conf.task_queues],
+        "default": app.conf.task_default_queue,
+        "routes": {n: app.amqp.router.route({}, n)["queue"].name for n in sorted(tasks)},
+        "beat": {k: [e["task"], e["schedule"].seconds] for k, e in app.conf.beat_schedule.items()},
+        "broker": app.conf.broker_url,
+        "acks_late": app.conf.task_acks_late,
+    }
+print(json.dumps(out))
+"""
+
+
+def test_every_component_app_is_the_base_app_under_its_own_name(worker_env):
+    names = ("demo_app", *COMPONENT_APPS)
+    out = subprocess.run(
+        [sys.executable, "-c", APPS_REPORT, *names],
+        env=worker_env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout)
+    assert {name: got[name].pop("main") for name in names} == {name: name for name in names}
+    base = got["demo_app"]
+    assert "demo_app.tasks.whoami" in base["tasks"] and "demo_app.tasks.tick" in base["tasks"]
+    assert base["capped"]
+    # whoami routes like the other unrouted tasks: to the profile's default queue.
+    assert base["routes"]["demo_app.tasks.whoami"] == base["default"] == "high_priority"
+    for name in COMPONENT_APPS:
+        assert got[name] == base, name
+
+
+def test_beat_of_the_beat_app_stamps_its_ticks_with_its_name(worker_env, redis_server, tmp_path: Path):
+    """Real `celery -A demo_app.apps.beat beat`: its ticks carry demo_sender_app, and the tick records it."""
+    env = {**worker_env, "DEMO_TICK_SECONDS": "1"}
+    log = tmp_path / "beat.log"
+    worker = start_app_worker(env, "demo_app.apps.cpu", "cpu@test", "low_priority")
+    beat_argv = [sys.executable, "-m", "celery", "--app", "demo_app.apps.beat", "beat"]
+    beat_argv += [f"--schedule={tmp_path / 'beat-schedule'}", f"--pidfile={tmp_path / 'beat.pid'}"]
+    beat = subprocess.Popen([*beat_argv, "--loglevel=INFO"], env=env, stderr=log.open("wb"))
+    try:
+        client = redis_server.client()
+        deadline = time.monotonic() + 30
+        while client.llen("demo:ticks") < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        lines = [line.decode() for line in client.lrange("demo:ticks", 0, -1)]
+        assert len(lines) >= 2, log.read_text()
+        for line in lines:
+            dispatched, _, node, ran, sender = line.split()
+            assert (node, sender) == ("cpu@test", "demo_app.apps.beat"), line
+            assert float(ran) >= float(dispatched)
+    finally:
+        stop(beat)
+        stop(worker)

@@ -1,4 +1,4 @@
-"""The example inventories parse, pass the worker validation, and consume exactly their profile's queues."""
+"""The example inventories parse, pass the worker plan, and consume exactly their profile's queues."""
 
 from __future__ import annotations
 
@@ -15,6 +15,19 @@ WORKERS = load_plugin("roles/celery_worker/filter_plugins/celery_workers.py")
 ROLE_DEFAULTS = yaml.safe_load((ROOT / "roles/celery_worker/defaults/main.yml").read_text())
 DEFAULTS = ROLE_DEFAULTS["celery_worker_defaults"]
 SECRET = re.compile(r"^[A-Za-z0-9._~-]{16,}$")
+
+
+def plan(inv: dict, host: str) -> dict:
+    """The host's worker plan, on a stand-in host with 8 CPUs and the GPUs its entries name."""
+    hv = inv["_meta"]["hostvars"][host]
+    gpus = {g for e in hv["celery_workers"] for g in e.get("gpus") or [] if isinstance(g, int)}
+    facts = {
+        "cpus": 8,
+        "memtotal_mb": 24000,
+        "gpus": [{"index": i, "uuid": f"GPU-{i}", "minor": i} for i in range(max(gpus, default=-1) + 1)],
+        "app": hv.get("celery_fleet_app", "demo_app"),
+    }
+    return WORKERS.celery_worker_plan(hv["celery_workers"], hv.get("celery_worker_defaults", DEFAULTS), facts)
 
 
 def test_every_example_is_found():
@@ -38,9 +51,9 @@ def test_example_inventory(path):
     consumed: set[str] = set()
     profiles = set()
     for host in inv["celery_workers"]["hosts"]:
-        workers = hostvars[host]["celery_workers"]
-        assert WORKERS.celery_worker_errors(workers, DEFAULTS) == [], host
-        consumed.update(q for entry in workers for q in entry["queues"])
+        result = plan(inv, host)
+        assert result["errors"] == [], (host, result["errors"])
+        consumed.update(q for instance in result["instances"] for q in instance["queues"])
     for host, hv in hostvars.items():
         profiles.add(hv["celery_app_env"]["DEMO_PROFILE"])
         # Secrets come from the vault file, and would pass the roles' own checks.

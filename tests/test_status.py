@@ -7,9 +7,10 @@ import subprocess
 import sys
 import time
 
+import pytest
 from conftest import demo_env, start_demo_worker
 
-from celery_fleet import status
+from celery_fleet import beat_scan, status
 from celery_fleet.envfile import read_env_file
 
 
@@ -88,3 +89,40 @@ def test_fleet_lists_every_worker_the_broker_reaches_with_its_queues(redis_serve
         for worker in workers:
             worker.terminate()
             worker.wait(timeout=20)
+
+
+def _fake_worker(tmp_path, args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+    """A process whose command line is `<python> <dir>/celery worker <args>`, as /proc shows a real one."""
+    script = tmp_path / "celery"
+    script.write_text("import time\ntime.sleep(60)\n")
+    return subprocess.Popen(
+        [sys.executable, str(script), "--app", "demo_app", "worker", *args],
+        env={"PATH": "/usr/bin:/bin", **(env or {})},
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "via"),
+    [
+        (["-B"], {}, "its command line"),
+        (["--beat"], {}, "its command line"),
+        (["-EB", "--queues=a"], {}, "its command line"),
+        (["-Bl", "info"], {}, "its command line"),
+        (["--queues=a,b", "--pool=solo"], {}, None),
+        (["--queues=a"], {"CELERY_WORKER_BEAT": "false"}, None),
+        # Whether click reads CELERY_WORKER_BEAT=1 as "on" depends on its version: ask it.
+        (["--queues=a"], {"CELERY_WORKER_BEAT": "1"}, "ask click"),
+    ],
+)
+def test_the_scan_finds_every_worker_that_embeds_a_beat(tmp_path, args, env, via):
+    proc = _fake_worker(tmp_path, args, env)
+    try:
+        time.sleep(0.3)
+        found = [b for b in beat_scan.embedded_beats() if b["pid"] == proc.pid]
+    finally:
+        proc.kill()
+        proc.wait()
+    if via == "ask click":
+        via = beat_scan.beat_source(args, env)
+        assert via in (None, "its environment (CELERY_WORKER_BEAT)")
+    assert [b["via"] for b in found] == ([via] if via else [])

@@ -8,12 +8,25 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jinja2
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
-VENV = "/opt/celery-fleet/venv"
+
+
+def fleet_paths() -> dict[str, str]:
+    """The fleet's paths on a host, from their one source: roles/celery_fleet (its defaults and vars)."""
+    role = ROOT / "roles" / "celery_fleet"
+    defaults = yaml.safe_load((role / "defaults" / "main.yml").read_text())
+    paths = yaml.safe_load((role / "vars" / "main.yml").read_text())["_celery_fleet_paths"]
+    return {key: jinja2.Template(value).render(defaults) for key, value in paths.items()}
+
+
+PATHS = fleet_paths()
+VENV = PATHS["venv"]
 # Load the same environment files the units get, without putting a secret on a command line.
-FLEET_ENV = "set -a; . /etc/celery-fleet/celery.env; . /etc/celery-fleet/broker.env; set +a; cd /tmp"
+FLEET_ENV = f"set -a; . {PATHS['app_env']}; . {PATHS['broker_env']}; set +a; cd /tmp"
 
 
 def other(host, name: str):
@@ -87,14 +100,25 @@ def hostvars(host):
 
 
 def playbook(
-    name: str, *inventories: str | Path, extra_vars: dict | None = None
+    name: str,
+    *inventories: str | Path,
+    extra_vars: dict | None = None,
+    check: bool = False,
+    json_output: bool = False,
 ) -> subprocess.CompletedProcess:
-    """Run one of the project's playbooks from the controller, as a user would."""
+    """Run one of the project's playbooks from the controller, as a user would.
+
+    ``check`` adds --check --diff; ``json_output`` makes stdout the json callback's one JSON document.
+    """
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ANSIBLE_", "MOLECULE_"))}
     env |= {"ANSIBLE_CONFIG": str(ROOT / "ansible.cfg"), "ANSIBLE_HOME": str(ROOT / ".cache" / "ansible")}
+    if json_output:
+        env["ANSIBLE_STDOUT_CALLBACK"] = "ansible.builtin.json"
     args = [arg for inventory in inventories for arg in ("-i", str(inventory))]
     if extra_vars:
         args += ["--extra-vars", json.dumps(extra_vars)]
+    if check:
+        args += ["--check", "--diff"]
     return subprocess.run(
         [str(Path(sys.executable).parent / "ansible-playbook"), *args, name],
         cwd=ROOT,
@@ -109,7 +133,7 @@ def playbook(
 def snapshot(host) -> str:
     """Everything the deploy writes, and every fleet unit's invocation: any change shows."""
     files = host.run(
-        "find /etc /opt/celery-fleet -xdev -name __pycache__ -prune -o -printf '%p %s %T@ %m %u\\n' | sort"
+        f"find /etc {PATHS['root']} -xdev -name __pycache__ -prune -o -printf '%p %s %T@ %m %u\\n' | sort"
         " | sha256sum"
     ).stdout
     units = host.run(

@@ -5,6 +5,16 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any
 
+from ansible_collections.celery_fleet.fleet.plugins.module_utils.ownership import (
+    BEAT_ALLOWED,
+    BEAT_OWNED,
+    FLOWER_OWNED,
+    WORKER_ALLOWED,
+    WORKER_BEAT,
+    WORKER_FIELDS,
+    WORKER_UNIT,
+)
+
 DOCUMENTATION = r"""
 name: celery_queue_coverage
 short_description: Check the fleet's workers against the app's routing and settings
@@ -14,8 +24,10 @@ description:
   - C(celery_config_doctor(report, workers)) checks the app's reliability settings against the
     workers (visibility timeout against the longest task, acks_late and prefetch for long tasks,
     result expiry, soft against hard time limits).
-  - C(celery_memory_budget(workers_of_host, host, memtotal_mb)) checks that one host's
-    C(memory_max) limits fit in its RAM.
+  - C(celery_cli_errors(cli, sources)) checks what C(extra_args) and C(env) set, as the wheelhouse's own
+    Celery and Flower parsers read them (the C(cli) result of C(celery_app_report)), against what the
+    fleet owns.
+  - Coverage and doctor take the app reports by app module (C(reports) of C(celery_app_report)).
   - Each returns C(errors) and C(warnings); every message names the host (or C(fleet)), the
     variable and the fix.
 positional: _input, workers
@@ -36,7 +48,7 @@ options:
 EXAMPLES = r"""
 coverage: "{{ __app_report.report | celery_queue_coverage(fleet_workers) }}"
 doctor: "{{ __app_report.report | celery_config_doctor(fleet_workers) }}"
-budget: "{{ host_workers | celery_memory_budget(inventory_hostname, ansible_facts.memtotal_mb) }}"
+cli: "{{ __app_report.cli | celery_cli_errors(sources) }}"
 """
 
 RETURN = r"""
@@ -50,7 +62,6 @@ _value:
 KOMBU_VISIBILITY_TIMEOUT = 3600
 # A task that may run longer than this is "long": losing or hoarding it costs.
 LONG_TASK_SECONDS = 300
-MIB = 1024 * 1024
 # Where the fleet's worker entries usually live.
 WORKERS_VARS = "group_vars/celery_workers/workers.yml"
 
@@ -84,13 +95,28 @@ def _where(worker: dict[str, Any]) -> str:
     return f"{worker['host']}: celery_workers[{worker['name']}]"
 
 
-def celery_queue_coverage(report: dict[str, Any], workers: list[dict[str, Any]]) -> Result:
-    """Every queue the app routes to has a worker; every queue a worker consumes gets tasks."""
+def _merged(
+    reports: dict[str, dict[str, Any]],
+) -> tuple[dict[str, list[str]], set[str], set[str], dict[str, str]]:
+    """Tasks by queue, routed and declared queues, and route errors, across every app of the fleet."""
     tasks_by_queue: dict[str, list[str]] = defaultdict(list)
-    for task, queue in sorted((report.get("routes") or {}).items()):
-        tasks_by_queue[queue].append(task)
-    # The default queue counts only when a task routes to it, which `routes` already says.
-    routed = set(tasks_by_queue) | set(report.get("routed_queues") or [])
+    routed: set[str] = set()
+    declared: set[str] = set()
+    route_errors: dict[str, str] = {}
+    for report in reports.values():
+        for task, queue in sorted((report.get("routes") or {}).items()):
+            if task not in tasks_by_queue[queue]:
+                tasks_by_queue[queue].append(task)
+        # The default queue counts only when a task routes to it, which `routes` already says.
+        routed |= set(report.get("routes", {}).values()) | set(report.get("routed_queues") or [])
+        declared |= set(report.get("declared_queues") or [])
+        route_errors.update(report.get("route_errors") or {})
+    return tasks_by_queue, routed, declared, route_errors
+
+
+def celery_queue_coverage(reports: dict[str, dict[str, Any]], workers: list[dict[str, Any]]) -> Result:
+    """Every queue an app of the fleet routes to has a worker; every queue a worker consumes gets tasks."""
+    tasks_by_queue, routed, declared, route_errors = _merged(reports)
     if not workers:
         return _result(
             [
@@ -104,14 +130,14 @@ def celery_queue_coverage(report: dict[str, Any], workers: list[dict[str, Any]])
     for worker in _entries(workers):
         for queue in worker["queues"]:
             consumers[queue].append(worker)
+    apps = ", ".join(sorted(reports))
     errors = [
-        f"fleet: queue {queue!r} has no worker: the app routes {_few(tasks_by_queue[queue])} to it, but no "
-        f"celery_workers entry on any host consumes it, so those tasks pile up in the broker. "
+        f"fleet: queue {queue!r} has no worker: the app ({apps}) routes {_few(tasks_by_queue[queue])} to "
+        f"it, but no celery_workers entry on any host consumes it, so those tasks pile up in the broker. "
         f"Fix: add {queue!r} to the `queues` of a celery_workers entry on some host in celery_workers, "
         f"e.g. {WORKERS_VARS}."
         for queue in sorted(routed - set(consumers))
     ]
-    declared = set(report.get("declared_queues") or [])
     warnings = []
     for queue in sorted(set(consumers) - routed):
         why = (
@@ -128,7 +154,7 @@ def celery_queue_coverage(report: dict[str, Any], workers: list[dict[str, Any]])
     warnings.extend(
         f"fleet: the app's router needs real arguments to place task {task!r} ({error}), so its queue "
         "was not checked. Fix: make sure a celery_workers entry consumes every queue that router picks."
-        for task, error in sorted((report.get("route_errors") or {}).items())
+        for task, error in sorted(route_errors.items())
     )
     return _result(errors, warnings)
 
@@ -166,8 +192,19 @@ def _visibility_errors(report: dict[str, Any], workers: list[dict[str, Any]]) ->
     ]
 
 
-def celery_config_doctor(report: dict[str, Any], workers: list[dict[str, Any]]) -> Result:
-    """The app's reliability settings against what the fleet's workers run."""
+def celery_config_doctor(reports: dict[str, dict[str, Any]], workers: list[dict[str, Any]]) -> Result:
+    """Each app's reliability settings against the workers that run it."""
+    errors: list[str] = []
+    warnings: list[str] = []
+    for app, report in sorted(reports.items()):
+        runs = [w for w in workers if w.get("app", app) == app]
+        app_errors, app_warnings = _app_doctor(report, runs)
+        errors += app_errors
+        warnings += app_warnings
+    return _result(errors, list(dict.fromkeys(warnings)))
+
+
+def _app_doctor(report: dict[str, Any], workers: list[dict[str, Any]]) -> tuple[list[str], list[str]]:
     config = report.get("config") or {}
     routes = report.get("routes") or {}
     errors = _visibility_errors(report, workers)
@@ -203,54 +240,89 @@ def celery_config_doctor(report: dict[str, Any], workers: list[dict[str, Any]]) 
             "and pile up in Redis, which runs maxmemory-policy noeviction and, once full, refuses new "
             "tasks. Fix: set result_expires (seconds, e.g. 86400) in the app's config."
         )
-    for worker in entries:
-        soft, hard = worker.get("soft_time_limit"), worker.get("time_limit")
-        if soft and hard and soft >= hard:
-            errors.append(
-                f"{_where(worker)}.soft_time_limit {soft} s is not below its time_limit {hard} s: the hard "
-                "limit kills the task before SoftTimeLimitExceeded lets it clean up. "
-                "Fix: make soft_time_limit smaller than time_limit in that entry."
-            )
-    return _result(errors, warnings)
+    return errors, warnings
 
 
-def _mib(size: int | float) -> str:
-    return f"{size / MIB:.0f}"
-
-
-def celery_memory_budget(workers_of_host: list[dict[str, Any]], host: str, memtotal_mb: int | None) -> Result:
-    """The memory_max limits of one host's worker instances fit in its RAM."""
-    bounded = [w for w in workers_of_host if w.get("memory_max")]
-    unbounded = sorted({w["name"] for w in workers_of_host if not w.get("memory_max")})
-    warnings = []
-    if bounded and unbounded:
-        warnings.append(
-            f"{host}: celery_workers {_few(unbounded)} set no memory_max while others on this host do: "
-            "their memory is unbounded and not in the budget. Fix: set memory_max on those entries."
+def _worker_arg_errors(where: str, names: list[str]) -> list[str]:
+    errors = []
+    beat = [n for n in names if n in WORKER_BEAT]
+    if beat:
+        errors.append(
+            f"{where} turns on a beat inside the worker ({', '.join(beat)}): a second beat dispatches every "
+            "periodic task twice. Fix: remove it and list the host in the celery_beat group, whose "
+            "lease-guarded beat is the fleet's only one."
         )
-    if not memtotal_mb:
-        if bounded:
-            warnings.append(
-                f"{host}: ansible_facts.memtotal_mb is unknown, so the memory_max budget was not checked. "
-                "Fix: gather facts (gather_facts: true) before the preflight."
+    for name in names:
+        if name in WORKER_BEAT:
+            continue
+        if name in WORKER_FIELDS:
+            errors.append(
+                f"{where} sets {name}, which the entry's {WORKER_FIELDS[name]} field owns. "
+                f"Fix: remove it from extra_args and set {WORKER_FIELDS[name]} instead."
             )
-        return _result([], warnings)
-    total = sum(w["memory_max"] for w in bounded)
-    if total <= memtotal_mb * MIB:
-        return _result([], warnings)
-    count: dict[tuple[str, int], int] = defaultdict(int)
-    for worker in bounded:
-        count[(worker["name"], worker["memory_max"])] += 1
-    breakdown = ", ".join(f"{name} {n}x{_mib(size)} MiB" for (name, size), n in sorted(count.items()))
-    return _result(
-        [
-            f"{host}: the memory_max of its celery_workers adds up to {_mib(total)} MiB over {len(bounded)} "
-            f"instances ({breakdown}), more than the host's {memtotal_mb} MiB of RAM: the limits cannot all "
-            "hold, and the kernel OOM-kills outside any one worker's limit. Fix: lower memory_max, "
-            "replicas or gpus in this host's celery_workers, or move an entry to another host."
-        ],
-        warnings,
-    )
+        elif name in WORKER_UNIT:
+            errors.append(f"{where} sets {name}, which the unit owns: {WORKER_UNIT[name]}. Fix: remove it.")
+        elif name not in WORKER_ALLOWED:
+            errors.append(
+                f"{where} sets {name}, which celery-fleet does not pass to a worker. Fix: remove it; "
+                f"extra_args may set only {', '.join(WORKER_ALLOWED)}."
+            )
+    return errors
+
+
+def _owned_errors(
+    where: str, names: list[str], owned: dict[str, str], allowed: tuple[str, ...] | None
+) -> list[str]:
+    errors = []
+    for name in names:
+        if name in owned:
+            errors.append(f"{where} sets {name}, which the fleet owns: {owned[name]}. Fix: remove it.")
+        elif allowed is not None and name not in allowed:
+            errors.append(f"{where} sets {name}. Fix: remove it; it may set only {', '.join(allowed)}.")
+    return errors
+
+
+def celery_cli_errors(cli: dict[str, Any], sources: list[dict[str, Any]]) -> Result:
+    """What each source's arguments and environment set, as Celery's own parsers read them.
+
+    ``sources`` align with ``cli.parsed``: each has ``where`` (host and variable), ``command`` (worker,
+    beat or flower), ``args`` and ``env`` (the environment that unit gets from the inventory).
+    """
+    errors: list[str] = []
+    envvars = set(cli.get("envvars") or [])
+    for source, parsed in zip(sources, cli.get("parsed") or [], strict=False):
+        where, command = source["where"], source["command"]
+        if parsed.get("error"):
+            errors.append(
+                f"{where} {source['args']!r} is refused by `celery {command}`'s own parser: "
+                f"{parsed['error']}. Fix: correct or remove the argument."
+            )
+            continue
+        names = list(parsed.get("set") or [])
+        if command == "worker":
+            errors += _worker_arg_errors(where, names)
+        elif command == "beat":
+            errors += _owned_errors(where, names, BEAT_OWNED, BEAT_ALLOWED)
+        else:
+            errors += _owned_errors(where, names, FLOWER_OWNED, None)
+        if parsed.get("extra") and command == "flower":
+            errors.append(
+                f"{where} holds {parsed['extra']!r}, which Flower ignores without a word (no option of its "
+                "own takes them). Fix: remove them."
+            )
+        elif parsed.get("extra"):
+            errors.append(
+                f"{where} ends with {parsed['extra']!r}, which Celery reads as app settings (key=value) that "
+                "override the app's own. Fix: set them in the app's config instead."
+            )
+    for source in sources:
+        read = sorted(set(source.get("env") or {}) & envvars)
+        if read:
+            errors.append(
+                f"{source['env_where']} sets {', '.join(read)}, which Celery's command line reads as its own "
+                "options (the app, the broker, the config). Fix: remove them; the unit sets these itself."
+            )
+    return _result(errors, [])
 
 
 class FilterModule:
@@ -258,5 +330,5 @@ class FilterModule:
         return {
             "celery_queue_coverage": celery_queue_coverage,
             "celery_config_doctor": celery_config_doctor,
-            "celery_memory_budget": celery_memory_budget,
+            "celery_cli_errors": celery_cli_errors,
         }

@@ -21,6 +21,7 @@ from typing import Any
 
 from celery_fleet.app_report import one_line
 from celery_fleet.beat_guard import DEFAULT_STATE_FILE, read_deadline
+from celery_fleet.beat_scan import embedded_beats
 from celery_fleet.envfile import read_env_file
 
 UNIT_PATTERNS = ("celery-worker@*.service", "celery-beat.service", "flower.service")
@@ -117,7 +118,11 @@ def collect(timeout: float) -> dict[str, Any]:
             app.close()
     # The lease deadline the beat supervisor publishes: ahead of now only on the leader.
     beat_leads = time.monotonic() < read_deadline(DEFAULT_STATE_FILE)
-    return {"host": hostname, "units": summarize(units, hostname, queues, stats, beat_leads)}
+    return {
+        "host": hostname,
+        "units": summarize(units, hostname, queues, stats, beat_leads),
+        "embedded_beats": embedded_beats(),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -178,3 +178,65 @@ def test_every_worker_unit_verifies_clean(host):
     result = host.run(f"cd /tmp && systemd-analyze verify --man=no {units}")
     assert result.rc == 0
     assert result.stdout + result.stderr == ""
+
+
+# Per-component apps: the app module each unit runs, from molecule.yml (low runs the fleet's app).
+APPS = {
+    "gpu-1": "demo_app.apps.gpu",
+    "gpu-2": "demo_app.apps.gpu",
+    "tiers-1": "demo_app.apps.cpu",
+    "tiers-2": "demo_app.apps.cpu",
+    "hungry": "demo_app.apps.cpu",
+    "io": "demo_app.apps.io",
+    "low": "demo_app",
+}
+
+
+def main_argv(host, unit: str) -> list[str]:
+    pid = show(host, unit, "MainPID")["MainPID"]
+    return host.file(f"/proc/{pid}/cmdline").content_string.split("\0")
+
+
+@pytest.mark.parametrize("unit", sorted(APPS))
+def test_each_worker_runs_its_own_app(host, unit):
+    argv = main_argv(host, f"celery-worker@{unit}.service")
+    assert argv[argv.index("--app") + 1] == APPS[unit], argv
+
+
+def test_a_task_through_each_queue_comes_back_from_the_app_of_its_worker(host):
+    answers = on_host(
+        host,
+        """
+seen = {}
+for queue in ["training", "extraction", "high_priority", "processing", "datasets", "low_priority"]:
+    for _ in range(6):
+        out = app.send_task("demo_app.tasks.whoami", queue=queue).get(timeout=60)
+        seen[out["worker"].split("@")[0]] = out["app"]
+print(json.dumps(seen))
+""",
+    )
+    # Every unit that answered ran its own app; each queue's worker answered at least once.
+    assert {unit: APPS[unit] for unit in answers} == answers
+    assert {"io", "hungry", "low"} <= set(answers), answers
+
+
+def test_beat_runs_the_beat_app(host):
+    pid = host.run("systemctl show -p MainPID --value celery-beat").stdout.strip()
+    children = host.run(f"pgrep -P {pid}").stdout.split()
+    argvs = [host.file(f"/proc/{c}/cmdline").content_string.split("\0") for c in children]
+    [beat] = [a for a in argvs if "beat" in a]
+    assert beat[beat.index("--app") + 1] == "demo_app.apps.beat", beat
+    # And the ticks it sends were published by that app.
+    ticks = on_host(
+        host,
+        """
+import redis
+r = redis.Redis.from_url(app.conf.broker_url, socket_timeout=5)
+deadline = time.time() + 30
+while time.time() < deadline and not r.lrange("demo:ticks", -1, -1):
+    time.sleep(1)
+print(json.dumps([t.decode() for t in r.lrange("demo:ticks", -5, -1)]))
+""",
+    )
+    # Each tick record ends with the app that published it: `<dispatched> <id> <worker> <ran> <sender app>`.
+    assert ticks and {t.split()[-1] for t in ticks} == {"demo_app.apps.beat"}, ticks

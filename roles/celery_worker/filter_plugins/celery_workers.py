@@ -1,4 +1,4 @@
-"""Expand, validate and reconcile a host's ``celery_workers`` list."""
+"""A host's worker plan: its ``celery_workers`` parsed once into errors, warnings and systemd instances."""
 
 from __future__ import annotations
 
@@ -6,14 +6,24 @@ import math
 import re
 from typing import Any
 
+from ansible.module_utils.common.validation import check_type_bool, check_type_int
+from ansible_collections.celery_fleet.fleet.plugins.module_utils.ownership import (
+    CONTROL,
+    ENV_NAME,
+    app_error,
+    env_owner,
+)
+from ansible_collections.celery_fleet.fleet.plugins.module_utils.sizes import FORMS, mib, parse_size
+
 DOCUMENTATION = r"""
-name: celery_worker_instances
-short_description: Expand worker entries into systemd instances
+name: celery_worker_plan
+short_description: Parse a host's worker entries once into the errors and the systemd instances
 description:
   - Takes a host's C(celery_workers) list, fills each entry's defaults (some derived from the pool, the
-    CPUs and the memory limit), expands C(replicas) and GPU slices, and returns one dict per systemd
-    instance of C(celery-worker@.service) with the Celery arguments, the environment and the systemd
-    limits ready to render.
+    CPUs and the memory limit), validates every field, expands C(replicas) and GPU slices, and checks
+    the host as a whole (unit names, shared GPUs, the memory budget).
+  - Every value is parsed once; C(instances) hold the parsed values (sizes in bytes) ready to render.
+    Preflight sets the result as a fact and every later step reads it.
 positional: _input, defaults, host
 options:
   _input:
@@ -26,32 +36,36 @@ options:
     type: dict
     required: true
   host:
-    description: >-
-      What the host has - C(cpus) (online CPU count) and C(gpus) (list of C(index), C(uuid), C(minor)
-      read from nvidia-smi or from the /dev/nvidiaN nodes).
+    description:
+      - What the host has and what the fleet sets for it, all optional - C(cpus) (online CPUs), C(gpus)
+        (C(index), C(uuid), C(minor) from nvidia-smi or /dev/nvidiaN), C(gpu_source), C(memtotal_mb),
+        C(app) (the default app module), C(broker_maxmemory) (this host's Redis cap, when it is the
+        broker) and C(memory_overcommit) (how far the limits may add up past the RAM, 1.0 = not at all).
     type: dict
     required: false
 """
 
 EXAMPLES = r"""
-instances: "{{ celery_workers | celery_worker_instances(celery_worker_defaults, {'cpus': 8, 'gpus': []}) }}"
-errors: "{{ celery_workers | celery_worker_errors(celery_worker_defaults, {'cpus': 8, 'gpus': []}) }}"
+plan: "{{ celery_workers | celery_worker_plan(celery_worker_defaults, {'cpus': 8, 'memtotal_mb': 16000}) }}"
 """
 
 RETURN = r"""
 _value:
   description: >-
-    One dict per instance - C(instance), C(args), C(environment) (lines of an environment file), and
-    C(memory_max), C(memory_high) (bytes), C(cpus), C(cpu_quota), C(devices), C(oom_policy) besides the
-    entry's fields.
-  type: list
-  elements: dict
+    C(errors) and C(warnings) (messages naming the variable and the fix) and C(instances): one dict per
+    systemd instance - C(instance), C(app), C(args) (the C(celery worker) arguments, each one argument),
+    C(environment) (lines of an environment file), C(memory_max), C(memory_high) (bytes), C(cpus),
+    C(cpu_quota), C(devices), C(oom_policy) besides the entry's parsed fields. C(instances) is empty
+    when there are errors.
+  type: dict
 """
 
 POOLS = ("prefork", "threads", "solo", "gevent", "eventlet")
 # Pools whose tasks run in separate child processes: per-child recycling and
 # OOMPolicy=continue only mean something there.
 PROCESS_POOLS = ("prefork",)
+# The choices of celery.bin.base.LogLevel, which compares them in upper case.
+LOGLEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL", "FATAL")
 # Thread pools of numeric libraries size themselves from all the host's CPUs
 # unless told otherwise; each process then oversubscribes the machine.
 THREAD_CAP_VARS = (
@@ -64,53 +78,14 @@ THREAD_CAP_VARS = (
 )
 # Character devices every CUDA process opens besides its own /dev/nvidiaN.
 GPU_SHARED_NODES = ("/dev/nvidiactl", "/dev/nvidia-uvm", "/dev/nvidia-uvm-tools")
-# Arguments the entry's fields own; set them through the field, not extra_args.
-OWNED_ARGS = {
-    "-Q": "queues",
-    "--queues": "queues",
-    "-P": "pool",
-    "--pool": "pool",
-    "-c": "concurrency",
-    "--concurrency": "concurrency",
-    "--autoscale": "autoscale",
-    "-n": "name",
-    "--hostname": "name",
-    "--max-tasks-per-child": "max_tasks_per_child",
-    "--max-memory-per-child": "max_memory_per_child",
-    "--time-limit": "time_limit",
-    "--soft-time-limit": "soft_time_limit",
-    "--prefetch-multiplier": "prefetch_multiplier",
-    "-l": "loglevel",
-    "--loglevel": "loglevel",
-}
-SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*$", re.IGNORECASE)
-SIZE_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
-CPU_SET = re.compile(r"^\d+(-\d+)?(,\d+(-\d+)?)*$")
-UUID = re.compile(r"^(GPU|MIG)-[0-9A-Za-z-]+$")
-ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+CPU_SET = re.compile(r"[0-9]+(-[0-9]+)?(,[0-9]+(-[0-9]+)?)*")
+UUID = re.compile(r"(GPU|MIG)-[0-9A-Za-z-]+")
+DIGITS = re.compile(r"[0-9]+")
 NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-_")
+# Celery splits --queues on commas; whitespace and control characters make names nobody can route to.
+QUEUE_BAD = re.compile(r"[,\s\x00-\x1f\x7f]")
 FIX = "Fix the entry in this host's celery_workers (group_vars or host_vars)."
-
-
-def parse_size(value: Any) -> int | None:
-    """Bytes in a systemd-style size (``4G``, ``512M``, ``1.5G``; base 1024), or None if it is not one."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return value if value > 0 else None
-    match = SIZE.match(str(value))
-    if not match:
-        return None
-    number = float(match.group(1)) * SIZE_UNITS[match.group(2).upper()]
-    return int(number) if number > 0 else None
-
-
-def parse_child_memory(value: Any) -> int | None:
-    """KiB for --max-memory-per-child: a bare integer is KiB, as Celery reads it; a string is a size."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value if value > 0 else None
-    size = parse_size(value)
-    return None if size is None else max(1, size // 1024)
+OVERCOMMIT_VAR = "celery_worker_memory_overcommit"
 
 
 def parse_cpus(value: Any) -> list[int] | None:
@@ -120,7 +95,7 @@ def parse_cpus(value: Any) -> list[int] | None:
             return sorted(set(value))
         return None
     text = str(value).replace(" ", "")
-    if not CPU_SET.match(text):
+    if not CPU_SET.fullmatch(text):
         return None
     cpus: set[int] = set()
     for part in text.split(","):
@@ -146,28 +121,20 @@ def cpu_set_string(cpus: list[int]) -> str:
 
 
 def parse_quota(value: Any) -> int | None:
-    """CPU quota in percent of one CPU, from ``200%`` or ``200``."""
-    if isinstance(value, bool):
+    """CPU quota in percent of one CPU, from ``200%``."""
+    if not isinstance(value, str) or not value.endswith("%"):
         return None
-    text = str(value).strip().removesuffix("%")
-    return int(text) if text.isdigit() and int(text) > 0 else None
-
-
-def _int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _positive_int(value: Any) -> bool:
-    return _int(value) and value > 0
+    text = value.removesuffix("%")
+    return int(text) if DIGITS.fullmatch(text) and int(text) > 0 else None
 
 
 def _gpu_id(value: Any) -> int | str | None:
     """A GPU as an index or a UUID; None if it is neither."""
-    if _int(value) and value >= 0:
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
         return value
-    if isinstance(value, str) and value.isdigit():
+    if isinstance(value, str) and DIGITS.fullmatch(value):
         return int(value)
-    if isinstance(value, str) and UUID.match(value):
+    if isinstance(value, str) and UUID.fullmatch(value):
         return value
     return None
 
@@ -177,39 +144,304 @@ def _find_gpu(gpu: int | str, host_gpus: list[dict[str, Any]]) -> dict[str, Any]
     return next((g for g in host_gpus if g.get(key) == gpu), None)
 
 
-def _spec(entry: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
-    return {**defaults, **{k: v for k, v in entry.items() if v is not None}}
+def _env_line(name: str, value: Any) -> str:
+    text = str(value).lower() if isinstance(value, bool) else str(value)
+    escaped = text.replace("\\", "\\\\").replace('"', '\\"')
+    return f'{name}="{escaped}"'
+
+
+def _as_int(value: Any) -> int | None:
+    """An integer as the argument spec converts it (``"2"`` is 2), or None."""
+    if isinstance(value, bool) or value is None:
+        return None
+    try:
+        return check_type_int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+class Entry:
+    """One worker entry parsed: ``spec`` holds the parsed values, ``errors`` what is wrong."""
+
+    def __init__(self, where: str, spec: dict[str, Any]) -> None:
+        self.where = where
+        self.raw = spec
+        self.spec: dict[str, Any] = {}
+        self.errors: list[str] = []
+
+    def fail(self, field: str, message: str, fix: str = FIX) -> None:
+        self.errors.append(f"{self.where}.{field} {message} {fix}".rstrip())
+
+    def integer(self, field: str, low: int | None, high: int | None = None, what: str = "") -> int | None:
+        """An integer field, converted as the argument spec converts it (``"2"`` is 2)."""
+        value = self.raw.get(field)
+        if value is None:
+            return None
+        number = _as_int(value)
+        if number is None or (low is not None and number < low) or (high is not None and number > high):
+            self.fail(field, f"{value!r} must be {what or _range(low, high)}.")
+            return None
+        return number
+
+    def size(self, field: str) -> int | None:
+        value = self.raw.get(field)
+        if value in (None, ""):
+            return None
+        size = parse_size(value)
+        if size is None:
+            self.fail(field, f"{value!r} is not a size; write {FORMS}.")
+        return size
+
+
+def _range(low: int | None, high: int | None) -> str:
+    if low is not None and high is not None:
+        return f"an integer from {low} to {high}"
+    if low == 1:
+        return "a positive integer"
+    return f"an integer of at least {low}" if low is not None else "an integer"
+
+
+def _parse_identity(e: Entry, host: dict[str, Any]) -> None:
+    name = e.raw.get("name")
+    e.spec["name"] = name
+    app = e.raw.get("app") or host.get("app") or ""
+    error = app_error(f"{e.where}.app", app)
+    if error:
+        e.errors.append(f"{error} {FIX}")
+    e.spec["app"] = app
+    queues = e.raw.get("queues")
+    if not isinstance(queues, list) or not queues or not all(isinstance(q, str) and q for q in queues):
+        e.fail("queues", "must be a non-empty list of queue names.")
+        return
+    bad = [q for q in queues if QUEUE_BAD.search(q)]
+    if bad:
+        e.fail(
+            "queues",
+            f"{bad!r} hold a comma, whitespace or a control character: Celery splits --queues on commas, "
+            "so the worker would consume other queues than these.",
+        )
+    if len(set(queues)) != len(queues):
+        e.fail("queues", f"{queues!r} lists a queue twice.")
+    e.spec["queues"] = list(queues)
+    loglevel = e.raw.get("loglevel")
+    if not isinstance(loglevel, str) or loglevel.upper() not in LOGLEVELS:
+        e.fail("loglevel", f"{loglevel!r} is not one of {', '.join(LOGLEVELS)}.")
+    e.spec["loglevel"] = str(loglevel).upper()
+
+
+def _parse_pool(e: Entry) -> None:
+    pool = e.raw.get("pool")
+    if pool not in POOLS:
+        e.fail("pool", f"{pool!r} is not one of {', '.join(POOLS)}.")
+    e.spec["pool"] = pool
+    e.spec["concurrency"] = e.integer("concurrency", 1)
+    autoscale = e.raw.get("autoscale")
+    e.spec["autoscale"] = None
+    if autoscale is not None:
+        low = _as_int(autoscale.get("min")) if isinstance(autoscale, dict) else None
+        high = _as_int(autoscale.get("max")) if isinstance(autoscale, dict) else None
+        if (
+            not isinstance(autoscale, dict)
+            or set(autoscale) != {"min", "max"}
+            or low is None
+            or high is None
+            or not 0 <= low <= high
+            or high < 1
+        ):
+            e.fail("autoscale", f"{autoscale!r} must be {{min: N, max: M}} with 0 <= N <= M, M > 0.")
+        elif pool != "prefork":
+            e.fail("autoscale", f"needs pool prefork, not {pool}; set concurrency instead.")
+        else:
+            e.spec["autoscale"] = {"min": low, "max": high}
+        if e.raw.get("concurrency") is not None:
+            e.errors.append(f"{e.where} sets both concurrency and autoscale; keep one. {FIX}")
+    e.spec["prefetch_multiplier"] = e.integer("prefetch_multiplier", 1)
+    if e.raw.get("prefetch_multiplier") is None:
+        e.fail("prefetch_multiplier", "None must be a positive integer.")
+    e.spec["max_tasks_per_child"] = e.integer("max_tasks_per_child", 0, what="0 (never) or more")
+    e.spec["replicas"] = e.integer("replicas", 1) or 1
+    if e.raw.get("replicas") is None:
+        e.fail("replicas", "None must be a positive integer.")
+
+
+def _parse_limits(e: Entry) -> None:
+    e.spec["memory_max"] = top = e.size("memory_max")
+    e.spec["memory_high"] = high = e.size("memory_high")
+    if high and top and high > top:
+        e.fail(
+            "memory_high",
+            f"{e.raw['memory_high']} is above memory_max {e.raw['memory_max']}; the unit would be killed "
+            "before it is ever throttled.",
+        )
+    e.spec["max_memory_per_child"] = child = e.size("max_memory_per_child")
+    if child and top and child >= top:
+        e.fail(
+            "max_memory_per_child",
+            f"{e.raw['max_memory_per_child']} is not below memory_max {e.raw['memory_max']}: the kernel "
+            "kills the child at memory_max first, so the cap can never fire.",
+            f"Fix: lower max_memory_per_child below {e.raw['memory_max']}, or leave it out to derive it.",
+        )
+    if child and e.spec.get("pool") not in PROCESS_POOLS:
+        e.fail(
+            "max_memory_per_child",
+            f"is set, but pool {e.spec.get('pool')} has no child processes to replace, so it can never fire.",
+            "Fix: remove it, or use pool prefork.",
+        )
+    cpus = e.raw.get("cpus")
+    e.spec["cpu_list"] = None
+    if cpus not in (None, "", []):
+        e.spec["cpu_list"] = parse_cpus(cpus)
+        if e.spec["cpu_list"] is None:
+            e.fail("cpus", f'{cpus!r} must be a CPU set like "0-3,8" or [0, 1].')
+    quota = e.raw.get("cpu_quota")
+    e.spec["quota"] = None
+    if quota not in (None, ""):
+        e.spec["quota"] = parse_quota(quota)
+        if e.spec["quota"] is None:
+            e.fail("cpu_quota", f"{quota!r} must be a percentage like 200%.")
+    e.spec["nice"] = e.integer("nice", -20, 19)
+    for field in ("stop_timeout", "time_limit", "soft_time_limit"):
+        e.spec[field] = e.integer(field, 1, what="a positive number of seconds")
+    hard, soft, stop = e.spec["time_limit"], e.spec["soft_time_limit"], e.spec["stop_timeout"]
+    if hard and soft and soft >= hard:
+        e.fail(
+            "soft_time_limit",
+            f"{soft} must be below time_limit {hard}, or the task never gets the chance to clean up.",
+        )
+    if hard and stop and stop < hard:
+        e.fail(
+            "stop_timeout",
+            f"{stop} is shorter than time_limit {hard}: a restart would kill tasks still within their limit.",
+            f"Fix: raise stop_timeout to at least {hard} or lower time_limit.",
+        )
+
+
+def _parse_args_env(e: Entry) -> None:
+    extra = e.raw.get("extra_args") or []
+    e.spec["extra_args"] = []
+    if not isinstance(extra, list) or not all(isinstance(a, str | int | float) for a in extra):
+        e.fail("extra_args", "must be a list of arguments (strings).")
+    elif any(CONTROL.search(str(a)) for a in extra):
+        e.fail("extra_args", f"{extra!r} holds a control character (a newline?); no argument can carry one.")
+    else:
+        e.spec["extra_args"] = [str(a) for a in extra]
+    env = e.raw.get("env") or {}
+    e.spec["env"] = {}
+    if not isinstance(env, dict) or not all(isinstance(k, str) and ENV_NAME.fullmatch(k) for k in env):
+        e.fail("env", "must map environment variable names to values.")
+        return
+    for name, value in env.items():
+        owner = env_owner(name)
+        if owner:
+            e.fail(f"env.{name}", f"is the fleet's to set: {owner}.", "Fix: remove it from env.")
+        elif isinstance(value, dict | list) or value is None:
+            e.fail(f"env.{name}", f"{value!r} must be a string or a number.")
+        elif CONTROL.search(str(value)):
+            e.fail(f"env.{name}", f"{value!r} holds a control character (a newline?).")
+    if not any(True for err in e.errors if f"{e.where}.env" in err):
+        e.spec["env"] = dict(env)
+
+
+def _parse_gpus(e: Entry, host: dict[str, Any] | None) -> None:
+    gpus = e.raw.get("gpus") or []
+    per = e.raw.get("gpus_per_worker")
+    per_workers = _as_int(per)
+    e.spec["gpu_ids"] = []
+    try:
+        e.spec["gpu_sharing"] = check_type_bool(e.raw.get("gpu_sharing") or False)
+    except TypeError:
+        e.fail("gpu_sharing", f"{e.raw.get('gpu_sharing')!r} must be true or false.")
+        e.spec["gpu_sharing"] = False
+    if not isinstance(gpus, list):
+        e.fail("gpus", "must be a list of GPU indices or UUIDs.")
+        return
+    bad = [g for g in gpus if _gpu_id(g) is None]
+    if bad:
+        e.fail("gpus", f"{bad!r} are not GPU indices (0, 1, ...) or UUIDs (GPU-...).")
+        return
+    ids = [_gpu_id(g) for g in gpus]
+    if len(set(ids)) != len(ids):
+        e.fail("gpus", "lists a GPU twice.")
+    e.spec["gpu_ids"] = ids
+    e.spec["gpus_per_worker"] = None
+    if per is not None:
+        if not gpus:
+            e.fail("gpus_per_worker", "is set but gpus is empty.")
+        elif per_workers is None or per_workers < 1 or len(gpus) % per_workers:
+            e.fail("gpus_per_worker", f"{per!r} must divide the {len(gpus)} GPUs in gpus evenly.")
+        else:
+            e.spec["gpus_per_worker"] = per_workers
+    if host is None or not ids:
+        return
+    host_gpus = list(host.get("gpus") or [])
+    source = host.get("gpu_source") or "nvidia-smi"
+    for gpu in ids:
+        if isinstance(gpu, str) and source != "nvidia-smi":
+            e.fail(
+                "gpus",
+                f"{gpu} is a UUID but the host has no nvidia-smi to map it to a device.",
+                "Fix: give the GPU index, or install the NVIDIA driver first.",
+            )
+        elif gpu is not None and _find_gpu(gpu, host_gpus) is None:
+            have = ", ".join(str(g.get("index")) for g in host_gpus) or "none"
+            e.fail(
+                "gpus",
+                f"{gpu} is not on this host (its GPUs, from {source}: {have}).",
+                "Fix: use a GPU the host has, or move the entry to a host with that GPU.",
+            )
+
+
+def parse_entry(
+    index: int, entry: Any, defaults: dict[str, Any], host: dict[str, Any], seen: set[str]
+) -> Entry:
+    """Every field of one entry parsed and checked, once."""
+    where = f"celery_workers[{index}]"
+    if not isinstance(entry, dict):
+        e = Entry(where, {})
+        e.errors.append(f"{where} must be a mapping with name and queues. {FIX}")
+        return e
+    raw = {**defaults, **{k: v for k, v in entry.items() if v is not None}}
+    name = raw.get("name")
+    e = Entry(where, raw)
+    if not isinstance(name, str) or not name or not set(name) <= NAME_CHARS or name[0] in "-_":
+        e.fail("name", f"{name!r} must be lowercase letters, digits, '-' or '_'.")
+    elif name in seen:
+        e.fail("name", f"{name!r} is used twice; worker names must be unique.")
+    else:
+        seen.add(name)
+        e.where = f"celery_workers[{name}]"
+    unknown = sorted(set(entry) - set(defaults) - {"name", "queues"})
+    if unknown:
+        e.errors.append(f"{e.where} has unknown fields {', '.join(unknown)}. {FIX}")
+    _parse_identity(e, host)
+    _parse_pool(e)
+    _parse_limits(e)
+    _parse_args_env(e)
+    _parse_gpus(e, host)
+    cpus, host_cpus = e.spec.get("cpu_list"), host.get("cpus")
+    if cpus and host_cpus and max(cpus) >= int(host_cpus):
+        e.fail(
+            "cpus",
+            f"{raw['cpus']!r} names CPU {max(cpus)} but the host has {host_cpus} (0-{int(host_cpus) - 1}).",
+        )
+    return e
 
 
 def _processes(spec: dict[str, Any], cpus: int) -> int:
     """How many tasks the unit runs at once, at most."""
     if spec["pool"] == "solo":
         return 1
-    if spec.get("autoscale"):
+    if spec["autoscale"]:
         return int(spec["autoscale"]["max"])
-    if spec.get("concurrency"):
+    if spec["concurrency"]:
         return int(spec["concurrency"])
     return {"prefork": cpus, "threads": 2 * cpus}.get(spec["pool"], 100)
 
 
-def _slices(spec: dict[str, Any]) -> list[list[int | str]]:
-    gpus = [_gpu_id(g) for g in spec.get("gpus") or []]
-    if not gpus:
-        return [[]]
-    per = spec.get("gpus_per_worker") or len(gpus)
-    return [gpus[i : i + per] for i in range(0, len(gpus), per)]  # type: ignore[misc]
-
-
-def _env_line(name: str, value: Any) -> str:
-    text = str(value).lower() if isinstance(value, bool) else str(value)
-    escaped = text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-    return f'{name}="{escaped}"'
-
-
 def worker_args(spec: dict[str, Any]) -> list[str]:
-    """The ``celery worker`` arguments of one instance, minus app and node name."""
+    """The ``celery worker`` arguments of one instance after ``--hostname``; each is one argument."""
     args = [f"--queues={','.join(spec['queues'])}", f"--pool={spec['pool']}"]
-    if spec.get("autoscale"):
+    if spec["autoscale"]:
         args.append(f"--autoscale={spec['autoscale']['max']},{spec['autoscale']['min']}")
     else:
         args.append(f"--concurrency={spec['concurrency']}")
@@ -217,88 +449,179 @@ def worker_args(spec: dict[str, Any]) -> list[str]:
     if spec["pool"] in PROCESS_POOLS:
         if spec["max_tasks_per_child"]:
             args.append(f"--max-tasks-per-child={spec['max_tasks_per_child']}")
-        if spec["max_memory_per_child"]:
-            args.append(f"--max-memory-per-child={spec['max_memory_per_child']}")
-    if spec.get("time_limit"):
+        if spec["child_kib"]:
+            args.append(f"--max-memory-per-child={spec['child_kib']}")
+    if spec["time_limit"]:
         args.append(f"--time-limit={spec['time_limit']}")
-    if spec.get("soft_time_limit"):
+    if spec["soft_time_limit"]:
         args.append(f"--soft-time-limit={spec['soft_time_limit']}")
-    return args + [str(a) for a in spec.get("extra_args") or []]
+    return args + spec["extra_args"]
 
 
-def celery_worker_instances(
-    workers: list[dict[str, Any]], defaults: dict[str, Any], host: dict[str, Any] | None = None
-) -> list[dict[str, Any]]:
-    """One dict per systemd instance, in inventory order. Validate with celery_worker_errors first."""
-    host = host or {}
-    host_cpus = int(host.get("cpus") or 1)
+def expand(spec: dict[str, Any], host: dict[str, Any]) -> list[dict[str, Any]]:
+    """The systemd instances of one parsed entry: derived defaults, replicas and GPU slices."""
+    spec = dict(spec)
+    cpu_list, quota = spec.pop("cpu_list"), spec.pop("quota")
+    cpus = len(cpu_list) if cpu_list else (math.ceil(quota / 100) if quota else int(host.get("cpus") or 1))
+    processes = _processes(spec, cpus)
+    if not spec["autoscale"]:
+        spec["concurrency"] = processes
+    if spec["memory_max"] and not spec["memory_high"]:
+        # Throttle and reclaim before the hard limit kills anything.
+        spec["memory_high"] = spec["memory_max"] * 9 // 10
+    limit = spec["memory_high"] or spec["memory_max"]
+    child = spec["max_memory_per_child"]
+    if child is None and spec["pool"] in PROCESS_POOLS and limit:
+        # Replace a child after a task that left it over its share, before the cgroup limit hits.
+        child = limit // processes
+    spec["child_kib"] = max(1, child // 1024) if child else None
+    if spec["max_tasks_per_child"] is None:
+        spec["max_tasks_per_child"] = 1000 if spec["pool"] in PROCESS_POOLS else 0
+    if not spec["stop_timeout"]:
+        spec["stop_timeout"] = spec["time_limit"] or 600
+    threads = max(1, cpus // (1 if spec["pool"] in ("gevent", "eventlet") else processes))
+    ids = spec.pop("gpu_ids")
+    per = spec.pop("gpus_per_worker") or len(ids) or 1
+    slices = [ids[i : i + per] for i in range(0, len(ids), per)] or [[]]
+    total = len(slices) * spec["replicas"]
+    args = worker_args(spec)
     host_gpus = list(host.get("gpus") or [])
     instances = []
-    for entry in workers:
-        spec = _spec(entry, defaults)
-        cpu_list = parse_cpus(spec["cpus"]) if spec.get("cpus") not in (None, "", []) else None
-        quota = parse_quota(spec["cpu_quota"]) if spec.get("cpu_quota") else None
-        cpus = len(cpu_list) if cpu_list else (math.ceil(quota / 100) if quota else host_cpus)
-        processes = _processes(spec, cpus)
-        if not spec.get("autoscale"):
-            spec["concurrency"] = processes
-        memory_max = parse_size(spec["memory_max"]) if spec.get("memory_max") else None
-        memory_high = parse_size(spec["memory_high"]) if spec.get("memory_high") else None
-        if memory_max and not memory_high:
-            # Throttle and reclaim before the hard limit kills anything.
-            memory_high = memory_max * 9 // 10
-        child_kib = (
-            parse_child_memory(spec["max_memory_per_child"]) if spec.get("max_memory_per_child") else None
-        )
-        if child_kib is None and spec["pool"] in PROCESS_POOLS and (memory_high or memory_max):
-            # Replace a child after a task that left it over its share, before the cgroup limit hits.
-            child_kib = (memory_high or memory_max or 0) // processes // 1024
-        spec["max_memory_per_child"] = child_kib
-        if spec.get("max_tasks_per_child") is None:
-            spec["max_tasks_per_child"] = 1000 if spec["pool"] in PROCESS_POOLS else 0
-        if not spec.get("stop_timeout"):
-            spec["stop_timeout"] = spec.get("time_limit") or 600
-        spec["queues"] = list(spec["queues"])
-        threads = max(1, cpus // (1 if spec["pool"] in ("gevent", "eventlet") else processes))
-        slices = _slices(spec)
-        replicas = int(spec.get("replicas") or 1)
-        total = len(slices) * replicas
-        ordinal = 0
-        for gpus in slices:
-            for _ in range(replicas):
-                ordinal += 1
-                env: dict[str, Any] = {name: threads for name in THREAD_CAP_VARS}
-                devices: list[str] = []
-                if gpus:
-                    env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
-                    env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in gpus)
-                    for gpu in gpus:
-                        found = _find_gpu(gpu, host_gpus)
-                        minor = found["minor"] if found else gpu
-                        devices.append(f"/dev/nvidia{minor}")
-                else:
-                    # CPU-only: CUDA sees no device even where the nodes exist.
-                    env["CUDA_VISIBLE_DEVICES"] = ""
-                env.update(spec.get("env") or {})
-                instance = spec["name"] if total == 1 else f"{spec['name']}-{ordinal}"
-                args = worker_args(spec)
-                instances.append(
-                    {
-                        **spec,
-                        "instance": instance,
-                        "args": args,
-                        "gpus": gpus,
-                        "devices": [*GPU_SHARED_NODES, *devices] if devices else [],
-                        "environment": [_env_line("CELERY_WORKER_ARGS", " ".join(args))]
-                        + [_env_line(k, v) for k, v in sorted(env.items())],
-                        "memory_max": memory_max,
-                        "memory_high": memory_high,
-                        "cpus": cpu_set_string(cpu_list) if cpu_list else None,
-                        "cpu_quota": f"{quota}%" if quota else None,
-                        "oom_policy": "continue" if spec["pool"] in PROCESS_POOLS else "stop",
-                    }
-                )
+    for gpus in slices:
+        for _ in range(spec["replicas"]):
+            env: dict[str, Any] = {name: threads for name in THREAD_CAP_VARS}
+            devices: list[str] = []
+            if gpus:
+                env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
+                env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in gpus)
+                for gpu in gpus:
+                    found = _find_gpu(gpu, host_gpus)
+                    devices.append(f"/dev/nvidia{found['minor'] if found else gpu}")
+            else:
+                # CPU-only: CUDA sees no device even where the nodes exist.
+                env["CUDA_VISIBLE_DEVICES"] = ""
+            # env may replace the derived thread caps; the plan refuses the names the fleet owns.
+            env.update(spec["env"])
+            ordinal = len(instances) + 1
+            instances.append(
+                {
+                    **spec,
+                    "instance": spec["name"] if total == 1 else f"{spec['name']}-{ordinal}",
+                    "args": args,
+                    "gpus": gpus,
+                    "devices": [*GPU_SHARED_NODES, *devices] if devices else [],
+                    "environment": [_env_line(k, v) for k, v in sorted(env.items())],
+                    "cpus": cpu_set_string(cpu_list) if cpu_list else None,
+                    "cpu_quota": f"{quota}%" if quota else None,
+                    "oom_policy": "continue" if spec["pool"] in PROCESS_POOLS else "stop",
+                }
+            )
     return instances
+
+
+def _unit_name_errors(instances: list[dict[str, Any]]) -> list[str]:
+    names = [i["instance"] for i in instances]
+    return [
+        f"celery_workers: the unit name {dup!r} comes from two entries (replicas and GPU slices are "
+        "numbered name-1, name-2, ...). Fix: rename one entry."
+        for dup in sorted({n for n in names if names.count(n) > 1})
+    ]
+
+
+def _shared_gpu_errors(instances: list[dict[str, Any]]) -> list[str]:
+    """A GPU pinned to two units, unless every entry that uses it allows sharing."""
+    users: dict[str, list[tuple[str, bool]]] = {}
+    for inst in instances:
+        for node in inst["devices"][len(GPU_SHARED_NODES) :]:
+            users.setdefault(node, []).append((inst["instance"], inst["gpu_sharing"]))
+    return [
+        f"celery_workers: {node} is pinned to {len(owners)} units ({', '.join(n for n, _ in owners)}); they "
+        "would fight over its memory. Fix: give each unit its own GPU, or set gpu_sharing: true on every "
+        "entry that uses it."
+        for node, owners in sorted(users.items())
+        if len(owners) > 1 and not all(sharing for _, sharing in owners)
+    ]
+
+
+def memory_budget(instances: list[dict[str, Any]], host: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """The host's memory_max limits and its broker's maxmemory against its RAM times the overcommit."""
+    bounded = [i for i in instances if i["memory_max"]]
+    unbounded = sorted({i["name"] for i in instances if not i["memory_max"]})
+    broker = parse_size(host.get("broker_maxmemory") or "")
+    ratio = float(host.get("memory_overcommit") or 1.0)
+    warnings = []
+    if bounded and unbounded:
+        warnings.append(
+            f"celery_workers {', '.join(unbounded)} set no memory_max while others on this host do: their "
+            "memory is unbounded and not in the budget. Fix: set memory_max on those entries."
+        )
+    if bounded and host.get("broker") and not broker:
+        warnings.append(
+            "this host runs the broker with no redis_maxmemory, so Redis's memory is unbounded and not in "
+            "the budget. Fix: set redis_maxmemory (e.g. 2G)."
+        )
+    memtotal = host.get("memtotal_mb")
+    if bounded and not memtotal:
+        warnings.append(
+            "ansible_facts.memtotal_mb is unknown, so the memory_max budget was not checked. "
+            "Fix: gather facts (gather_facts: true) before the preflight."
+        )
+    if not bounded or not memtotal:
+        return [], warnings
+    parts: dict[tuple[str, int], int] = {}
+    for inst in bounded:
+        parts[(inst["name"], inst["memory_max"])] = parts.get((inst["name"], inst["memory_max"]), 0) + 1
+    total = sum(i["memory_max"] for i in bounded) + (broker or 0)
+    allowed = int(memtotal) * 1024**2 * ratio
+    if total <= allowed:
+        return [], warnings
+    breakdown = ", ".join(f"{name} {n}x{mib(size)} MiB" for (name, size), n in sorted(parts.items()))
+    if broker:
+        breakdown += f", the broker's redis_maxmemory {mib(broker)} MiB"
+    over = f"{ratio:g} times its {memtotal} MiB of RAM" if ratio != 1 else f"the host's {memtotal} MiB of RAM"
+    return [
+        f"the memory_max of its celery_workers adds up to {mib(total)} MiB ({breakdown}), more than {over}: "
+        "the limits cannot all hold, and the kernel OOM-kills outside any one worker's limit. Fix: lower "
+        "memory_max, replicas or gpus in this host's celery_workers, move an entry to another host, or, to "
+        f"let limits overcommit the RAM as Kubernetes limits may, set {OVERCOMMIT_VAR} (e.g. 1.5) for it."
+    ], warnings
+
+
+def _overcommit_errors(host: dict[str, Any]) -> list[str]:
+    ratio = host.get("memory_overcommit", 1.0)
+    try:
+        ok = float(ratio) >= 1.0 and not isinstance(ratio, bool)
+    except (TypeError, ValueError):
+        ok = False
+    if ok:
+        return []
+    return [
+        f"{OVERCOMMIT_VAR} {ratio} must be 1.0 (the limits fit in RAM) or more (they may overcommit it). "
+        f"Fix: set {OVERCOMMIT_VAR} to 1.0, or e.g. 1.5, for this host."
+    ]
+
+
+def celery_worker_plan(
+    workers: Any, defaults: dict[str, Any], host: dict[str, Any] | None = None
+) -> dict[str, list[Any]]:
+    """The host's worker plan: ``errors``, ``warnings`` and ``instances``, from one parse of every entry."""
+    host = host or {}
+    if not isinstance(workers, list):
+        return {
+            "errors": [f"celery_workers must be a list of worker entries. {FIX}"],
+            "warnings": [],
+            "instances": [],
+        }
+    seen: set[str] = set()
+    entries = [parse_entry(i, entry, defaults, host, seen) for i, entry in enumerate(workers)]
+    errors = [error for e in entries for error in e.errors] + _overcommit_errors(host)
+    if errors:
+        return {"errors": errors, "warnings": [], "instances": []}
+    instances = [inst for e in entries for inst in expand(e.spec, host)]
+    errors = _unit_name_errors(instances) + _shared_gpu_errors(instances)
+    budget_errors, warnings = memory_budget(instances, host)
+    errors += budget_errors
+    return {"errors": errors, "warnings": warnings, "instances": [] if errors else instances}
 
 
 def celery_worker_not_running(services: dict[str, Any], names: list[str]) -> list[str]:
@@ -312,7 +635,7 @@ def celery_worker_not_running(services: dict[str, Any], names: list[str]) -> lis
 
 
 def celery_worker_verify(rows: list[dict[str, Any]], instances: list[dict[str, Any]], host: str) -> list[str]:
-    """Problems between ``celery-fleet-status`` rows of a host and the instances its inventory expands to."""
+    """Problems between ``celery-fleet-status`` rows of a host and the instances of its plan."""
     expected = {f"celery-worker@{i['instance']}.service": sorted(i["queues"]) for i in instances}
     found = {r["unit"]: r for r in rows if r["unit"].startswith("celery-worker@")}
     errors = []
@@ -341,223 +664,10 @@ def celery_worker_verify(rows: list[dict[str, Any]], instances: list[dict[str, A
     return errors
 
 
-def _limit_errors(where: str, spec: dict[str, Any]) -> list[str]:
-    """Problems in the memory, CPU and time fields."""
-    errors = []
-    for field in ("memory_max", "memory_high"):
-        if spec.get(field) not in (None, "") and parse_size(spec[field]) is None:
-            errors.append(f"{where}.{field} {spec[field]!r} is not a size; write it like 512M or 4G. {FIX}")
-    high, top = parse_size(spec.get("memory_high") or 0), parse_size(spec.get("memory_max") or 0)
-    if high and top and high > top:
-        errors.append(
-            f"{where}.memory_high {spec['memory_high']} is above memory_max {spec['memory_max']}; "
-            f"the unit would be killed before it is ever throttled. {FIX}"
-        )
-    child = spec.get("max_memory_per_child")
-    if child not in (None, "", 0) and parse_child_memory(child) is None:
-        errors.append(
-            f"{where}.max_memory_per_child {child!r} must be a size like 1500M, or an integer in KiB. {FIX}"
-        )
-    if spec.get("cpus") not in (None, "", []) and parse_cpus(spec["cpus"]) is None:
-        errors.append(f'{where}.cpus {spec["cpus"]!r} must be a CPU set like "0-3,8" or [0, 1]. {FIX}')
-    if spec.get("cpu_quota") not in (None, "") and parse_quota(spec["cpu_quota"]) is None:
-        errors.append(f"{where}.cpu_quota {spec['cpu_quota']!r} must be a percentage like 200%. {FIX}")
-    nice = spec.get("nice")
-    if nice is not None and (not _int(nice) or not -20 <= nice <= 19):
-        errors.append(f"{where}.nice {nice!r} must be an integer from -20 to 19. {FIX}")
-    for field in ("stop_timeout", "time_limit", "soft_time_limit"):
-        if spec.get(field) is not None and not _positive_int(spec[field]):
-            errors.append(f"{where}.{field} {spec[field]!r} must be a positive number of seconds. {FIX}")
-    hard, soft, stop = spec.get("time_limit"), spec.get("soft_time_limit"), spec.get("stop_timeout")
-    if _positive_int(hard) and _positive_int(soft) and soft >= hard:
-        errors.append(
-            f"{where}.soft_time_limit {soft} must be below time_limit {hard}, or the task never gets "
-            f"the chance to clean up. {FIX}"
-        )
-    if _positive_int(hard) and _positive_int(stop) and stop < hard:
-        errors.append(
-            f"{where}.stop_timeout {stop} is shorter than time_limit {hard}: a restart would kill tasks "
-            f"still within their limit. Fix: raise stop_timeout to at least {hard} or lower time_limit."
-        )
-    return errors
-
-
-def _pool_errors(where: str, spec: dict[str, Any]) -> list[str]:
-    """Problems in the pool, its size and its recycling."""
-    errors = []
-    pool = spec.get("pool")
-    if pool not in POOLS:
-        errors.append(f"{where}.pool {pool!r} is not one of {', '.join(POOLS)}. {FIX}")
-    concurrency, autoscale = spec.get("concurrency"), spec.get("autoscale")
-    if concurrency is not None and not _positive_int(concurrency):
-        errors.append(f"{where}.concurrency {concurrency!r} must be a positive integer. {FIX}")
-    if autoscale is not None:
-        if (
-            not isinstance(autoscale, dict)
-            or set(autoscale) != {"min", "max"}
-            or not _int(autoscale["min"])
-            or not _positive_int(autoscale["max"])
-            or not 0 <= autoscale["min"] <= autoscale["max"]
-        ):
-            errors.append(
-                f"{where}.autoscale {autoscale!r} must be {{min: N, max: M}} with 0 <= N <= M, M > 0. {FIX}"
-            )
-        elif pool != "prefork":
-            errors.append(f"{where}.autoscale needs pool prefork, not {pool}; set concurrency instead. {FIX}")
-        if concurrency is not None:
-            errors.append(f"{where} sets both concurrency and autoscale; keep one. {FIX}")
-    if not _positive_int(spec.get("prefetch_multiplier")):
-        errors.append(
-            f"{where}.prefetch_multiplier {spec.get('prefetch_multiplier')!r} must be a positive integer. "
-            + FIX
-        )
-    mtpc = spec.get("max_tasks_per_child")
-    if mtpc is not None and (not _int(mtpc) or mtpc < 0):
-        errors.append(f"{where}.max_tasks_per_child {mtpc!r} must be 0 (never) or more. {FIX}")
-    if not _positive_int(spec.get("replicas", 1)):
-        errors.append(f"{where}.replicas {spec.get('replicas')!r} must be a positive integer. {FIX}")
-    return errors
-
-
-def _args_env_errors(where: str, spec: dict[str, Any]) -> list[str]:
-    errors = []
-    extra = spec.get("extra_args") or []
-    if not isinstance(extra, list):
-        return [f"{where}.extra_args must be a list of arguments. {FIX}"]
-    flags = [str(a).split("=", 1)[0] for a in extra]
-    if any(f in ("-B", "--beat") for f in flags):
-        errors.append(
-            f"{where}.extra_args embeds beat in a worker (-B); a second beat dispatches every periodic "
-            "task twice. Fix: remove it and list the host in the celery_beat group."
-        )
-    for flag in dict.fromkeys(f for f in flags if f in OWNED_ARGS):
-        errors.append(
-            f"{where}.extra_args sets {flag}; Fix: use the entry's {OWNED_ARGS[flag]} field instead."
-        )
-    env = spec.get("env") or {}
-    if not isinstance(env, dict) or not all(isinstance(k, str) and ENV_NAME.match(k) for k in env):
-        errors.append(f"{where}.env must map environment variable names to values. {FIX}")
-    elif any(isinstance(v, dict | list) for v in env.values()):
-        errors.append(f"{where}.env values must be strings or numbers. {FIX}")
-    return errors
-
-
-def _gpu_errors(where: str, spec: dict[str, Any], host: dict[str, Any] | None) -> list[str]:
-    errors: list[str] = []
-    gpus = spec.get("gpus") or []
-    per = spec.get("gpus_per_worker")
-    if not isinstance(gpus, list):
-        return [f"{where}.gpus must be a list of GPU indices or UUIDs. {FIX}"]
-    bad = [g for g in gpus if _gpu_id(g) is None]
-    if bad:
-        errors.append(f"{where}.gpus {bad!r} are not GPU indices (0, 1, ...) or UUIDs (GPU-...). {FIX}")
-    ids = [_gpu_id(g) for g in gpus]
-    if len(set(ids)) != len(ids):
-        errors.append(f"{where}.gpus lists a GPU twice. {FIX}")
-    if per is not None:
-        if not gpus:
-            errors.append(f"{where}.gpus_per_worker is set but gpus is empty. {FIX}")
-        elif not _positive_int(per) or len(gpus) % per:
-            errors.append(
-                f"{where}.gpus_per_worker {per!r} must divide the {len(gpus)} GPUs in gpus evenly. {FIX}"
-            )
-    if host is None or not gpus or bad:
-        return errors
-    host_gpus = list(host.get("gpus") or [])
-    source = host.get("gpu_source") or "nvidia-smi"
-    for gpu in ids:
-        if isinstance(gpu, str) and source != "nvidia-smi":
-            errors.append(
-                f"{where}.gpus {gpu} is a UUID but the host has no nvidia-smi to map it to a device. "
-                "Fix: give the GPU index, or install the NVIDIA driver first."
-            )
-        elif gpu is not None and _find_gpu(gpu, host_gpus) is None:
-            have = ", ".join(str(g.get("index")) for g in host_gpus) or "none"
-            errors.append(
-                f"{where}.gpus {gpu} is not on this host (its GPUs, from {source}: {have}). "
-                "Fix: use a GPU the host has, or move the entry to a host with that GPU."
-            )
-    return errors
-
-
-def _shared_gpu_errors(workers: list[Any], defaults: dict[str, Any], host: dict[str, Any]) -> list[str]:
-    """A GPU pinned to two units, unless every entry that uses it allows sharing."""
-    users: dict[Any, list[tuple[str, bool]]] = {}
-    try:
-        instances = celery_worker_instances(workers, defaults, host)
-    except (KeyError, TypeError, ValueError, ZeroDivisionError):
-        return []
-    for inst in instances:
-        for node in inst["devices"][len(GPU_SHARED_NODES) :]:
-            users.setdefault(node, []).append((inst["instance"], bool(inst.get("gpu_sharing"))))
-    errors = []
-    for node, owners in sorted(users.items()):
-        if len(owners) > 1 and not all(sharing for _, sharing in owners):
-            names = ", ".join(name for name, _ in owners)
-            errors.append(
-                f"celery_workers: {node} is pinned to {len(owners)} units ({names}); they would fight over "
-                "its memory. Fix: give each unit its own GPU, or set gpu_sharing: true on every entry "
-                "that uses it."
-            )
-    return errors
-
-
-def celery_worker_errors(
-    workers: Any, defaults: dict[str, Any], host: dict[str, Any] | None = None
-) -> list[str]:
-    """Every problem in a ``celery_workers`` list, each naming the variable and the fix.
-
-    With ``host`` (see celery_worker_instances), GPUs and CPUs are checked against what the host has.
-    """
-    if not isinstance(workers, list):
-        return [f"celery_workers must be a list of worker entries. {FIX}"]
-    errors = []
-    seen: set[str] = set()
-    for index, entry in enumerate(workers):
-        where = f"celery_workers[{index}]"
-        if not isinstance(entry, dict):
-            errors.append(f"{where} must be a mapping with name and queues. {FIX}")
-            continue
-        spec = _spec(entry, defaults)
-        name = spec.get("name")
-        if not isinstance(name, str) or not name or not set(name) <= NAME_CHARS or name[0] in "-_":
-            errors.append(f"{where}.name {name!r} must be lowercase letters, digits, '-' or '_'. {FIX}")
-        elif name in seen:
-            errors.append(f"{where}.name {name!r} is used twice; worker names must be unique. {FIX}")
-        else:
-            seen.add(name)
-            where = f"celery_workers[{name}]"
-        queues = spec.get("queues")
-        if not isinstance(queues, list) or not queues or not all(isinstance(q, str) and q for q in queues):
-            errors.append(f"{where}.queues must be a non-empty list of queue names. {FIX}")
-        unknown = sorted(set(entry) - set(defaults) - {"name", "queues"})
-        if unknown:
-            errors.append(f"{where} has unknown fields {', '.join(unknown)}. {FIX}")
-        errors += _pool_errors(where, spec) + _limit_errors(where, spec) + _args_env_errors(where, spec)
-        errors += _gpu_errors(where, spec, host)
-        cpus = parse_cpus(spec["cpus"]) if spec.get("cpus") not in (None, "", []) else None
-        if cpus and host and host.get("cpus") and max(cpus) >= int(host["cpus"]):
-            errors.append(
-                f"{where}.cpus {spec['cpus']!r} names CPU {max(cpus)} but the host has {host['cpus']} "
-                f"(0-{int(host['cpus']) - 1}). {FIX}"
-            )
-    if errors:
-        return errors
-    instances = celery_worker_instances(workers, defaults, host)
-    names = [i["instance"] for i in instances]
-    for dup in sorted({n for n in names if names.count(n) > 1}):
-        errors.append(
-            f"celery_workers: the unit name {dup!r} comes from two entries (replicas and GPU slices are "
-            f"numbered name-1, name-2, ...). Fix: rename one entry."
-        )
-    return errors + _shared_gpu_errors(workers, defaults, host or {})
-
-
 class FilterModule:
     def filters(self) -> dict[str, Any]:
         return {
-            "celery_worker_instances": celery_worker_instances,
-            "celery_worker_errors": celery_worker_errors,
+            "celery_worker_plan": celery_worker_plan,
             "celery_worker_not_running": celery_worker_not_running,
             "celery_worker_verify": celery_worker_verify,
         }

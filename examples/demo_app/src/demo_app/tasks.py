@@ -1,4 +1,11 @@
-"""Tasks that do real work and report where they ran."""
+"""Tasks that do real work and report where they ran.
+
+They are shared tasks: every app made by ``demo_app.celery.make_app`` (the base
+``demo_app`` and each ``demo_app.apps.<component>``) includes this module and
+registers all of them, each bound to that app, with its ``DeliveryCappedTask``
+base. A task body reaches the broker through the app running it (``self.app``),
+never through a module-level app.
+"""
 
 from __future__ import annotations
 
@@ -14,14 +21,17 @@ from contextlib import contextmanager
 from typing import Any, NoReturn
 
 import redis
+from celery import Celery, current_app, shared_task, signature
 from celery.signals import before_task_publish
 
-from demo_app.celery import PROFILE, app
+from demo_app.celery import PROFILE
 
 TICKS_KEY = "demo:ticks"
 RUNS_KEY = "demo:runs"
 CRASHES_KEY = "demo:crashes"
 DISPATCHED_AT = "demo_dispatched_at"
+# The name (``main``) of the app that published a tick: beat's app, when beat sent it.
+SENDER_APP = "demo_sender_app"
 MIB = 1024 * 1024
 PAGE = 4096
 # Thread-pool sizes of numeric libraries, as the unit's environment sets them.
@@ -38,9 +48,15 @@ THREAD_VARS = (
 
 @before_task_publish.connect(sender="demo_app.tasks.tick")
 def _stamp_dispatch_time(headers: dict[str, Any] | None = None, **_: Any) -> None:
-    """Stamp the tick's message when beat sends it: its slot is decided then, not when a worker runs it."""
+    """Stamp the tick's message when beat sends it: its slot is decided then, not when a worker runs it.
+
+    It also names the publishing app: the signal does not pass it, but beat,
+    like a worker, makes its app the current one, so under ``celery -A
+    demo_app.apps.beat beat`` this is ``demo_app.apps.beat``.
+    """
     if headers is not None:
         headers[DISPATCHED_AT] = time.time()
+        headers[SENDER_APP] = current_app.main
 
 
 def _where(task: Any) -> dict[str, Any]:
@@ -55,8 +71,8 @@ def _where(task: Any) -> dict[str, Any]:
 
 
 @contextmanager
-def _broker_redis() -> Iterator[redis.Redis]:
-    """A short-lived client of the broker's Redis; timeouts, so a paused broker cannot hang a task."""
+def _broker_redis(app: Celery) -> Iterator[redis.Redis]:
+    """A short-lived client of ``app``'s broker Redis; timeouts, so a paused broker cannot hang a task."""
     client = redis.Redis.from_url(app.conf.broker_url, socket_timeout=5, socket_connect_timeout=5)
     try:
         yield client
@@ -70,40 +86,46 @@ def _digest(data: bytes, rounds: int) -> str:
     return data.hex()
 
 
-@app.task(bind=True)
+@shared_task(bind=True)
 def ping(self: Any) -> dict[str, Any]:
     return {"pong": True, **_where(self)}
 
 
-@app.task(bind=True)
+@shared_task(bind=True)
+def whoami(self: Any) -> dict[str, Any]:
+    """Which app the consuming worker runs (``demo_app`` or ``demo_app.apps.<component>``), and where."""
+    return {"app": self.app.main, **_where(self)}
+
+
+@shared_task(bind=True)
 def download_dataset(self: Any, name: str, size_kb: int = 64) -> dict[str, Any]:
     payload = os.urandom(size_kb * 1024)
     return {"dataset": name, "bytes": len(payload), "sha256": _digest(payload, 1), **_where(self)}
 
 
-@app.task(bind=True)
+@shared_task(bind=True)
 def tokenize(self: Any, text: str) -> dict[str, Any]:
     tokens = text.split()
     return {"tokens": len(tokens), "vocab": len(set(tokens)), **_where(self)}
 
 
-@app.task(bind=True)
+@shared_task(bind=True)
 def train(self: Any, steps: int = 2000) -> dict[str, Any]:
     return {"steps": steps, "checkpoint": _digest(b"weights", steps), **_where(self)}
 
 
-@app.task(bind=True)
+@shared_task(bind=True)
 def extract_features(self: Any, rows: int = 1000) -> dict[str, Any]:
     features = [_digest(str(i).encode(), 1)[:8] for i in range(rows)]
     return {"features": len(features), **_where(self)}
 
 
-@app.task(bind=True)
+@shared_task(bind=True)
 def cleanup(self: Any) -> dict[str, Any]:
     return {"cleaned": True, **_where(self)}
 
 
-@app.task(bind=True)
+@shared_task(bind=True)
 def sleep(self: Any, seconds: float) -> dict[str, Any]:
     """Hold a worker process busy, for restart and load tests.
 
@@ -111,12 +133,12 @@ def sleep(self: Any, seconds: float) -> dict[str, Any]:
     check that every task ran exactly once across restarts.
     """
     time.sleep(seconds)
-    with _broker_redis() as client:
+    with _broker_redis(self.app) as client:
         client.rpush(RUNS_KEY, self.request.id)
     return {"slept": seconds, **_where(self)}
 
 
-@app.task(bind=True)
+@shared_task(bind=True)
 def hog(self: Any, mb: int, hold: float = 0.0) -> dict[str, Any]:
     """Allocate ``mb`` MiB and touch every page, so it is resident: the OOM test's memory hog."""
     buffer = bytearray(mb * MIB)
@@ -126,20 +148,20 @@ def hog(self: Any, mb: int, hold: float = 0.0) -> dict[str, Any]:
     return {"allocated_mb": mb, **_where(self)}
 
 
-@app.task(bind=True)
+@shared_task(bind=True)
 def crash(self: Any) -> NoReturn:
     """SIGKILL this task's own process on every delivery: a stand-in for an OOM kill.
 
     Each run is recorded in ``demo:crashes`` first. Under a solo or threads
     pool it kills the whole worker; never call it in-process.
     """
-    with _broker_redis() as client:
+    with _broker_redis(self.app) as client:
         client.rpush(CRASHES_KEY, self.request.id)
     os.kill(os.getpid(), signal.SIGKILL)
     raise AssertionError("unreachable: SIGKILL was not delivered")
 
 
-@app.task(bind=True)
+@shared_task(bind=True)
 def gpu_probe(self: Any, paths: list[str] | None = None) -> dict[str, Any]:
     """What this unit sees of the GPUs: its pinning, thread caps, CPU set, and which device nodes open.
 
@@ -169,26 +191,30 @@ def work(self: Any, *args: Any, rounds: int = 1000, **kwargs: Any) -> dict[str, 
     return {"task": self.name, "digest": _digest(repr((args, kwargs)).encode(), rounds), **_where(self)}
 
 
-@app.task(bind=True)
+@shared_task(bind=True)
 def tick(self: Any) -> dict[str, Any]:
     """The periodic task beat dispatches; a checker of duplicate and missing ticks.
 
     Every run is recorded in Redis as ``<dispatch time> <task id> <worker>
-    <run time>``. The schedule is aligned to the clock, so the slot of a
-    dispatch is ``floor(dispatch time / DEMO_TICK_SECONDS)``: two dispatches in
-    one slot mean two beats sent it.
+    <run time> <sender app>``: the sender app is the ``demo_sender_app``
+    header, the app that published the tick (``-`` if it was sent without the
+    header). The schedule is aligned to the clock, so the slot of a dispatch
+    is ``floor(dispatch time / DEMO_TICK_SECONDS)``: two dispatches in one slot
+    mean two beats sent it.
     """
     where = _where(self)
     now = time.time()
     dispatched = float(self.request.get(DISPATCHED_AT) or now)
-    with _broker_redis() as client:
-        client.rpush(TICKS_KEY, f"{dispatched:.3f} {self.request.id} {where['worker']} {now:.3f}")
+    sender = str(self.request.get(SENDER_APP) or "-").replace(" ", "_")
+    with _broker_redis(self.app) as client:
+        client.rpush(TICKS_KEY, f"{dispatched:.3f} {self.request.id} {where['worker']} {now:.3f} {sender}")
         client.ltrim(TICKS_KEY, -5000, -1)
-    return where
+    return {**where, "sender_app": sender}
 
 
 # The seed app's task names, each served by the generic body.
-SEED_TASKS = {name: app.task(name=name, bind=True)(work) for name in PROFILE.seed_tasks}
+SEED_TASKS = {name: shared_task(name=name, bind=True)(work) for name in PROFILE.seed_tasks}
 
-# The task each queue of the profile is exercised with by `python -m demo_app.demo` and the tests.
-QUEUE_PROBES = {queue: (app.signature(name), args) for queue, (name, args) in PROFILE.probes.items()}
+# The task each queue of the profile is exercised with by `python -m demo_app.demo` and the tests;
+# unbound signatures, sent through the current app.
+QUEUE_PROBES = {queue: (signature(name), args) for queue, (name, args) in PROFILE.probes.items()}

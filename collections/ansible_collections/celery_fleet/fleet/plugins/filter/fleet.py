@@ -1,0 +1,86 @@
+"""Jinja filters for the rules every role shares: systemd quoting, the size grammar, what the fleet owns."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ansible_collections.celery_fleet.fleet.plugins.module_utils.ownership import (
+    CONTROL,
+    ENV_NAME,
+    app_error,
+    env_owner,
+)
+from ansible_collections.celery_fleet.fleet.plugins.module_utils.sizes import parse_size, size_error
+from ansible_collections.celery_fleet.fleet.plugins.module_utils.systemd import exec_command
+
+DOCUMENTATION = r"""
+name: systemd_exec
+short_description: Quote a command for a unit's ExecStart=, one argument per list item
+description:
+  - C(systemd_exec) makes each item one double-quoted systemd word, with C(\), C(") and control characters
+    escaped and C(%) and C($) doubled, so systemd passes it to the program unchanged, as one argument.
+  - C(size_bytes) is the bytes of a size of the fleet's one grammar (C(512M), C(1.5G)), or none.
+  - C(size_errors(where, fix)) is [] for a size, else the message showing the accepted forms.
+  - C(app_errors(where, fix)) is [] for what C(celery --app) takes, else the message.
+  - C(env_errors(where, fix)) lists the problems of an environment mapping, among them the names the
+    fleet owns (C(CELERY_*), C(FLOWER_*), the GPU pinning).
+positional: _input
+options:
+  _input:
+    description: The command and its arguments; a size; an environment mapping.
+    type: raw
+    required: true
+"""
+
+EXAMPLES = r"""
+exec_start: "{{ ['/usr/bin/celery', '--app', 'pkg.apps.beat', 'beat'] | celery_fleet.fleet.systemd_exec }}"
+maxmemory: "{{ redis_maxmemory | celery_fleet.fleet.size_bytes }}"
+"""
+
+RETURN = r"""
+_value:
+  description: The quoted command line; the bytes; the list of messages.
+  type: raw
+"""
+
+
+def systemd_exec(argv: list[Any]) -> str:
+    return exec_command(argv)
+
+
+def size_bytes(value: Any) -> int | None:
+    return parse_size(value)
+
+
+def size_errors(value: Any, where: str, fix: str) -> list[str]:
+    error = size_error(where, value, fix)
+    return [error] if error else []
+
+
+def app_errors(value: Any, where: str, fix: str) -> list[str]:
+    error = app_error(where, value)
+    return [f"{error} {fix}"] if error else []
+
+
+def env_errors(env: Any, where: str, fix: str) -> list[str]:
+    if not isinstance(env, dict) or not all(isinstance(k, str) and ENV_NAME.fullmatch(k) for k in env):
+        return [f"{where} must map environment variable names to values. {fix}"]
+    errors = []
+    for name, value in env.items():
+        owner = env_owner(name)
+        if owner:
+            errors.append(f"{where}.{name} is the fleet's to set: {owner}. Fix: remove it from {where}.")
+        elif isinstance(value, dict | list) or value is None or CONTROL.search(str(value)):
+            errors.append(f"{where}.{name} {value!r} must be a string or a number, on one line. {fix}")
+    return errors
+
+
+class FilterModule:
+    def filters(self) -> dict[str, Any]:
+        return {
+            "systemd_exec": systemd_exec,
+            "size_bytes": size_bytes,
+            "size_errors": size_errors,
+            "env_errors": env_errors,
+            "app_errors": app_errors,
+        }
