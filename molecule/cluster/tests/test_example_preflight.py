@@ -65,7 +65,8 @@ def test_the_example_passes_preflight_and_changes_nothing(host, example, tmp_pat
     output = run.stdout + run.stderr
     assert run.returncode == 0, output[-4000:]
     # The app was imported from the wheelhouse and its routing checked against the example's workers.
-    assert "TASK [Require a worker for every queue the app routes to]" in output, output[-4000:]
+    assert "TASK [Require a worker for every queue the apps route to]" in output, output[-4000:]
+    assert "TASK [Require command lines and environments that set nothing the fleet owns]" in output
     recap = dict(re.findall(r"^(\S+)\s+: (ok=.*)$", output.split("PLAY RECAP")[-1], re.MULTILINE))
     for name in plays:
         assert " changed=0 " in recap[name] and " failed=0 " in recap[name], (name, recap.get(name))
