@@ -76,7 +76,10 @@ def embedded_beats(proc: Path = Path("/proc")) -> list[dict[str, Any]]:
             continue
         pid = int(entry.name)
         workers[pid] = (argv, args)
-        stat = (entry / "stat").read_text() if (entry / "stat").exists() else ""
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:  # it exited while we looked
+            continue
         parents[pid] = int(stat.rsplit(")", 1)[-1].split()[1]) if stat else 0
     found = []
     for pid, (argv, args) in sorted(workers.items()):

@@ -14,6 +14,7 @@ from ansible_collections.celery_fleet.fleet.plugins.module_utils.ownership impor
     env_owner,
 )
 from ansible_collections.celery_fleet.fleet.plugins.module_utils.sizes import FORMS, mib, parse_size
+from ansible_collections.celery_fleet.fleet.plugins.module_utils.systemd import env_assignment
 
 DOCUMENTATION = r"""
 name: celery_worker_plan
@@ -144,12 +145,6 @@ def _find_gpu(gpu: int | str, host_gpus: list[dict[str, Any]]) -> dict[str, Any]
     return next((g for g in host_gpus if g.get(key) == gpu), None)
 
 
-def _env_line(name: str, value: Any) -> str:
-    text = str(value).lower() if isinstance(value, bool) else str(value)
-    escaped = text.replace("\\", "\\\\").replace('"', '\\"')
-    return f'{name}="{escaped}"'
-
-
 def _as_int(value: Any) -> int | None:
     """An integer as the argument spec converts it (``"2"`` is 2), or None."""
     if isinstance(value, bool) or value is None:
@@ -267,6 +262,12 @@ def _parse_pool(e: Entry) -> None:
 def _parse_limits(e: Entry) -> None:
     e.spec["memory_max"] = top = e.size("memory_max")
     e.spec["memory_high"] = high = e.size("memory_high")
+    if high and not top:
+        e.fail(
+            "memory_high",
+            f"{e.raw['memory_high']} is set without memory_max; the unit would have a throttle but no limit.",
+            "Fix: set memory_max too (memory_high defaults to 90% of it), or remove memory_high.",
+        )
     if high and top and high > top:
         e.fail(
             "memory_high",
@@ -510,7 +511,7 @@ def expand(spec: dict[str, Any], host: dict[str, Any]) -> list[dict[str, Any]]:
                     "args": args,
                     "gpus": gpus,
                     "devices": [*GPU_SHARED_NODES, *devices] if devices else [],
-                    "environment": [_env_line(k, v) for k, v in sorted(env.items())],
+                    "environment": [env_assignment(k, v) for k, v in sorted(env.items())],
                     "cpus": cpu_set_string(cpu_list) if cpu_list else None,
                     "cpu_quota": f"{quota}%" if quota else None,
                     "oom_policy": "continue" if spec["pool"] in PROCESS_POOLS else "stop",

@@ -11,7 +11,7 @@ from ansible_collections.celery_fleet.fleet.plugins.module_utils.ownership impor
     env_owner,
 )
 from ansible_collections.celery_fleet.fleet.plugins.module_utils.sizes import parse_size, size_error
-from ansible_collections.celery_fleet.fleet.plugins.module_utils.systemd import exec_command
+from ansible_collections.celery_fleet.fleet.plugins.module_utils.systemd import env_assignment, exec_command
 
 DOCUMENTATION = r"""
 name: systemd_exec
@@ -19,6 +19,8 @@ short_description: Quote a command for a unit's ExecStart=, one argument per lis
 description:
   - C(systemd_exec) makes each item one double-quoted systemd word, with C(\), C(") and control characters
     escaped and C(%) and C($) doubled, so systemd passes it to the program unchanged, as one argument.
+  - C(systemd_env(value)) is one C(NAME="value") line of an environment file that systemd reads back as
+    exactly that value (C(\\) and C(") escaped).
   - C(size_bytes) is the bytes of a size of the fleet's one grammar (C(512M), C(1.5G)), or none.
   - C(size_errors(where, fix)) is [] for a size, else the message showing the accepted forms.
   - C(app_errors(where, fix)) is [] for what C(celery --app) takes, else the message.
@@ -46,6 +48,10 @@ _value:
 
 def systemd_exec(argv: list[Any]) -> str:
     return exec_command(argv)
+
+
+def systemd_env(name: str, value: Any) -> str:
+    return env_assignment(name, value)
 
 
 def size_bytes(value: Any) -> int | None:
@@ -79,6 +85,7 @@ class FilterModule:
     def filters(self) -> dict[str, Any]:
         return {
             "systemd_exec": systemd_exec,
+            "systemd_env": systemd_env,
             "size_bytes": size_bytes,
             "size_errors": size_errors,
             "env_errors": env_errors,

@@ -32,3 +32,13 @@ def quote_arg(arg: str) -> str:
 def exec_command(argv: Iterable[str]) -> str:
     """Words of an ``ExecStart=`` line passing ``argv`` unchanged."""
     return " ".join(quote_arg(str(arg)) for arg in argv)
+
+
+# Inside double quotes systemd's EnvironmentFile= parser unescapes these; it expands no variables.
+ENV_ESCAPED = '"\\'
+
+
+def env_assignment(name: str, value: object) -> str:
+    """One ``NAME="value"`` line of an EnvironmentFile= that systemd reads back as exactly ``value``."""
+    text = str(value).lower() if isinstance(value, bool) else str(value)
+    return name + '="' + "".join("\\" + c if c in ENV_ESCAPED else c for c in text) + '"'
