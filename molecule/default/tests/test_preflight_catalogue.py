@@ -490,6 +490,24 @@ CASES = [
         ["celery_worker_memory_overcomit is no variable of celery_worker (a misspelling?)", "Fix"],
     ),
     (
+        "root as the fleet's user",
+        (),
+        lambda hv: {"celery_app_user": "root"},
+        ['celery_app_user "root"', "other than root", "Fix"],
+    ),
+    (
+        "a relative config directory",
+        (),
+        lambda hv: {"celery_fleet_config_dir": "etc/celery-fleet"},
+        ['celery_fleet_config_dir "etc/celery-fleet"', "absolute paths", "Fix"],
+    ),
+    (
+        "a throttle without a limit",
+        (),
+        lambda hv: {"celery_workers": workers(hv, processing={"memory_high": "1G"})},
+        ["celery_workers[processing].memory_high 1G is set without memory_max", "Fix"],
+    ),
+    (
         "concurrency in words",
         (),
         lambda hv: {"celery_workers": workers(hv, high={"concurrency": "two"})},

@@ -10,6 +10,7 @@ from ansible.module_utils.common.validation import check_type_bool, check_type_i
 from ansible_collections.celery_fleet.fleet.plugins.module_utils.ownership import (
     CONTROL,
     ENV_NAME,
+    LOGLEVELS,
     app_error,
     env_owner,
 )
@@ -65,8 +66,6 @@ POOLS = ("prefork", "threads", "solo", "gevent", "eventlet")
 # Pools whose tasks run in separate child processes: per-child recycling and
 # OOMPolicy=continue only mean something there.
 PROCESS_POOLS = ("prefork",)
-# The choices of celery.bin.base.LogLevel, which compares them in upper case.
-LOGLEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL", "FATAL")
 # Thread pools of numeric libraries size themselves from all the host's CPUs
 # unless told otherwise; each process then oversubscribes the machine.
 THREAD_CAP_VARS = (
@@ -591,7 +590,7 @@ def memory_budget(instances: list[dict[str, Any]], host: dict[str, Any]) -> tupl
 def _overcommit_errors(host: dict[str, Any]) -> list[str]:
     ratio = host.get("memory_overcommit", 1.0)
     try:
-        ok = float(ratio) >= 1.0 and not isinstance(ratio, bool)
+        ok = math.isfinite(float(ratio)) and float(ratio) >= 1.0 and not isinstance(ratio, bool)
     except (TypeError, ValueError):
         ok = False
     if ok:

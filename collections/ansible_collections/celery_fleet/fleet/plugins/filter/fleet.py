@@ -7,6 +7,7 @@ from typing import Any
 from ansible_collections.celery_fleet.fleet.plugins.module_utils.ownership import (
     CONTROL,
     ENV_NAME,
+    LOGLEVELS,
     app_error,
     env_owner,
 )
@@ -24,6 +25,7 @@ description:
   - C(size_bytes) is the bytes of a size of the fleet's one grammar (C(512M), C(1.5G)), or none.
   - C(size_errors(where, fix)) is [] for a size, else the message showing the accepted forms.
   - C(app_errors(where, fix)) is [] for what C(celery --app) takes, else the message.
+  - C(loglevel_errors(where, fix)) is [] for a log level Celery takes, else the message.
   - C(env_errors(where, fix)) lists the problems of an environment mapping, among them the names the
     fleet owns (C(CELERY_*), C(FLOWER_*), the GPU pinning).
 positional: _input
@@ -68,6 +70,12 @@ def app_errors(value: Any, where: str, fix: str) -> list[str]:
     return [f"{error} {fix}"] if error else []
 
 
+def loglevel_errors(value: Any, where: str, fix: str) -> list[str]:
+    if isinstance(value, str) and value.upper() in LOGLEVELS:
+        return []
+    return [f"{where} {value!r} is not one of {', '.join(LOGLEVELS)}. {fix}"]
+
+
 def env_errors(env: Any, where: str, fix: str) -> list[str]:
     if not isinstance(env, dict) or not all(isinstance(k, str) and ENV_NAME.fullmatch(k) for k in env):
         return [f"{where} must map environment variable names to values. {fix}"]
@@ -90,4 +98,5 @@ class FilterModule:
             "size_errors": size_errors,
             "env_errors": env_errors,
             "app_errors": app_errors,
+            "loglevel_errors": loglevel_errors,
         }

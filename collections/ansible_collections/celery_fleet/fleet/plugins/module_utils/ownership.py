@@ -81,6 +81,9 @@ FLOWER_OWNED = {
     "broker_api": "Flower reads the broker from the fleet's environment",
 }
 
+# The choices of celery.bin.base.LogLevel, which compares them in upper case.
+LOGLEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL", "FATAL")
+
 # Environment the unit sets, and prefixes whose every name a program of the unit reads as its options:
 # Celery's command line reads CELERY_<OPTION> and CELERY_<COMMAND>_<OPTION> (CELERY_WORKER_BEAT=1
 # starts an embedded beat), Flower reads every FLOWER_<OPTION>.
