@@ -516,3 +516,21 @@ def test_verify_ignores_a_stopped_unit_that_is_no_longer_in_the_inventory():
         _row("old", active="inactive"),
     ]
     assert plugin.celery_worker_verify(rows, VERIFY_INSTANCES, "h1") == []
+
+
+def test_the_plan_lists_each_entry_once_with_its_units_and_derived_fields():
+    result = plan(
+        [
+            {"name": "g", "queues": ["training"], "gpus": [0, 1], "gpus_per_worker": 1, "time_limit": 900},
+            {"name": "x", "queues": ["y"], "replicas": 2},
+        ],
+        HOST,
+    )
+    assert [(e["name"], e["units"]) for e in result["entries"]] == [
+        ("g", ["g-1", "g-2"]),
+        ("x", ["x-1", "x-2"]),
+    ]
+    [g, _] = result["entries"]
+    # Derived once, for every check that judges the entry: stop_timeout from time_limit.
+    assert g["stop_timeout"] == 900
+    assert "devices" not in g and "environment" not in g

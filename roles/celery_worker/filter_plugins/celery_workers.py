@@ -57,7 +57,8 @@ _value:
     C(errors) and C(warnings) (messages naming the variable and the fix) and C(instances): one dict per
     systemd instance - C(instance), C(app), C(args) (the C(celery worker) arguments, each one argument),
     C(environment) (lines of an environment file), C(memory_max), C(memory_high) (bytes), C(cpus),
-    C(cpu_quota), C(devices), C(oom_policy) besides the entry's parsed fields. C(instances) is empty
+    C(cpu_quota), C(devices), C(oom_policy) besides the entry's parsed fields; and C(entries): each entry
+    once, with its parsed and derived fields and C(units), the names of its instances. Both are empty
     when there are errors.
   type: dict
 """
@@ -78,6 +79,8 @@ THREAD_CAP_VARS = (
 )
 # Character devices every CUDA process opens besides its own /dev/nvidiaN.
 GPU_SHARED_NODES = ("/dev/nvidiactl", "/dev/nvidia-uvm", "/dev/nvidia-uvm-tools")
+# What differs between the units of one entry.
+INSTANCE_FIELDS = ("instance", "gpus", "devices", "environment")
 CPU_SET = re.compile(r"[0-9]+(-[0-9]+)?(,[0-9]+(-[0-9]+)?)*")
 UUID = re.compile(r"(GPU|MIG)-[0-9A-Za-z-]+")
 DIGITS = re.compile(r"[0-9]+")
@@ -604,24 +607,39 @@ def _overcommit_errors(host: dict[str, Any]) -> list[str]:
 def celery_worker_plan(
     workers: Any, defaults: dict[str, Any], host: dict[str, Any] | None = None
 ) -> dict[str, list[Any]]:
-    """The host's worker plan: ``errors``, ``warnings`` and ``instances``, from one parse of every entry."""
+    """The host's worker plan: ``errors``, ``warnings``, ``instances`` and ``entries``, from one parse."""
     host = host or {}
     if not isinstance(workers, list):
         return {
             "errors": [f"celery_workers must be a list of worker entries. {FIX}"],
             "warnings": [],
             "instances": [],
+            "entries": [],
         }
     seen: set[str] = set()
     entries = [parse_entry(i, entry, defaults, host, seen) for i, entry in enumerate(workers)]
     errors = [error for e in entries for error in e.errors] + _overcommit_errors(host)
     if errors:
-        return {"errors": errors, "warnings": [], "instances": []}
-    instances = [inst for e in entries for inst in expand(e.spec, host)]
+        return {"errors": errors, "warnings": [], "instances": [], "entries": []}
+    expanded = [expand(e.spec, host) for e in entries]
+    instances = [inst for group in expanded for inst in group]
+    # Each entry once, with its derived fields, for checks that judge entries rather than units.
+    parsed = [
+        {
+            **{k: v for k, v in group[0].items() if k not in INSTANCE_FIELDS},
+            "units": [i["instance"] for i in group],
+        }
+        for group in expanded
+    ]
     errors = _unit_name_errors(instances) + _shared_gpu_errors(instances)
     budget_errors, warnings = memory_budget(instances, host)
     errors += budget_errors
-    return {"errors": errors, "warnings": warnings, "instances": [] if errors else instances}
+    return {
+        "errors": errors,
+        "warnings": warnings,
+        "instances": [] if errors else instances,
+        "entries": [] if errors else parsed,
+    }
 
 
 def celery_worker_not_running(services: dict[str, Any], names: list[str]) -> list[str]:
