@@ -26,15 +26,19 @@ WORKER_FIELDS = {
 }
 # Parameters that make a worker run beat: only the lease-guarded celery_beat unit may.
 WORKER_BEAT = ("beat", "schedule_filename", "scheduler")
-# Parameters the unit itself decides, and why.
-WORKER_UNIT = {
-    "detach": "the unit runs the worker in the foreground (Type=exec)",
-    "pidfile": "systemd tracks the process itself",
+# The daemon options every Celery daemon command (worker, beat) shares: the unit decides them all.
+DAEMON_OWNED = {
     "logfile": "the log goes to the journal",
     "uid": "the unit's User= sets it",
     "gid": "the unit's Group= sets it",
     "umask": "the unit sets it",
     "executable": "it applies to --detach only",
+}
+# Parameters the unit itself decides, and why.
+WORKER_UNIT = {
+    "detach": "the unit runs the worker in the foreground (Type=exec)",
+    "pidfile": "systemd tracks the process itself",
+    **DAEMON_OWNED,
     "purge": "it would discard every queued task at each start",
 }
 # The `celery worker` parameters extra_args may set. A parameter a newer Celery adds is refused until
@@ -58,11 +62,7 @@ BEAT_OWNED = {
     "loglevel": "set celery_beat_loglevel instead",
     "detach": "the supervisor runs beat in the foreground",
     "pidfile": "the supervisor tracks beat itself",
-    "logfile": "the log goes to the journal",
-    "uid": "the unit's User= sets it",
-    "gid": "the unit's Group= sets it",
-    "umask": "the unit sets it",
-    "executable": "it applies to --detach only",
+    **DAEMON_OWNED,
 }
 BEAT_ALLOWED = ("max_interval", "remote_control", "hostname")
 # Flower options the role sets or that decide who may see Flower.
