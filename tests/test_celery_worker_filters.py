@@ -38,8 +38,8 @@ def expand(entry: dict, host: dict | None = None) -> list[dict]:
 def test_the_plugin_exposes_its_filters():
     assert set(plugin.FilterModule().filters()) == {
         "celery_worker_plan",
-        "celery_worker_not_running",
         "celery_worker_verify",
+        "celery_worker_batches",
     }
 
 
@@ -436,18 +436,10 @@ def test_without_the_hosts_memory_the_budget_is_not_checked():
 # Reconciliation: service_facts and celery-fleet-status against the plan.
 
 
-def test_not_running_reads_service_facts():
-    services = {
-        "celery-worker@a.service": {"state": "running"},
-        "celery-worker@b.service": {"state": "stopped"},
-        "redis-server.service": {"state": "running"},
-    }
-    assert plugin.celery_worker_not_running(services, ["a", "b", "c"]) == ["b", "c"]
-
-
 def _row(unit: str, active: str = "active", answered: bool = True, queues: list[str] | None = None) -> dict:
+    """A status row of ``unit``'s slot a, or of the slot it names (``high.b``)."""
     return {
-        "unit": f"celery-worker@{unit}.service",
+        "unit": f"celery-worker@{unit if '.' in unit else unit + '.a'}.service",
         "active": active,
         "sub": "running",
         "answered": answered,
@@ -475,23 +467,35 @@ def test_verify_reads_the_instances_of_a_plan():
 @pytest.mark.parametrize(
     ("rows", "message"),
     [
-        ([_row("low", queues=["a", "b"])], "h1: celery-worker@high.service is not loaded"),
+        ([_row("low", queues=["a", "b"])], "h1: no slot of celery-worker@high.* is active (not loaded)"),
         (
             [_row("high", active="inactive", queues=None), _row("low", queues=["a", "b"])],
-            "h1: celery-worker@high.service is inactive",
+            "h1: no slot of celery-worker@high.* is active (celery-worker@high.a.service inactive",
+        ),
+        (
+            [_row("high.a", active="deactivating"), _row("low", queues=["a", "b"])],
+            "h1: no slot of celery-worker@high.* is active (celery-worker@high.a.service deactivating",
         ),
         (
             [_row("high", answered=False), _row("low", queues=["a", "b"])],
-            "h1: celery-worker@high.service is active but its worker does not answer",
+            "h1: celery-worker@high.a.service is active but its worker does not answer",
         ),
         (
             [_row("high", queues=["celery", "high_priority"]), _row("low", queues=["a", "b"])],
-            "h1: celery-worker@high.service consumes ['celery', 'high_priority'] but celery_workers says "
+            "h1: celery-worker@high.a.service consumes ['celery', 'high_priority'] but celery_workers says "
             "['high_priority']",
         ),
         (
             [_row("high", queues=["high_priority"]), _row("low", queues=["a"])],
-            "h1: celery-worker@low.service consumes ['a'] but celery_workers says ['a', 'b']",
+            "h1: celery-worker@low.a.service consumes ['a'] but celery_workers says ['a', 'b']",
+        ),
+        (
+            [
+                _row("high", queues=["high_priority"]),
+                _row("high.b", queues=["high_priority"]),
+                _row("low", queues=["a", "b"]),
+            ],
+            "h1: celery-worker@high.a.service and celery-worker@high.b.service both serve",
         ),
         (
             [
@@ -499,14 +503,23 @@ def test_verify_reads_the_instances_of_a_plan():
                 _row("low", queues=["a", "b"]),
                 _row("old", queues=["x"]),
             ],
-            "h1: celery-worker@old.service runs but is not in celery_workers",
+            "h1: celery-worker@old.a.service runs but is not in celery_workers",
         ),
     ],
-    ids=["missing", "stopped", "silent", "extra queue", "missing queue", "stray unit"],
+    ids=["missing", "stopped", "draining", "silent", "extra queue", "missing queue", "two serve", "stray"],
 )
 def test_verify_names_each_problem_with_the_host_and_a_fix(rows, message):
     [problem] = plugin.celery_worker_verify(rows, VERIFY_INSTANCES, "h1")
     assert problem.startswith(message) and "Fix:" in problem, problem
+
+
+def test_verify_accepts_an_old_slot_that_drains_beside_the_serving_one():
+    rows = [
+        _row("high.a", active="deactivating", queues=["high_priority"]),
+        _row("high.b", queues=["high_priority"]),
+        _row("low.b", queues=["a", "b"]),
+    ]
+    assert plugin.celery_worker_verify(rows, VERIFY_INSTANCES, "h1") == []
 
 
 def test_verify_ignores_a_stopped_unit_that_is_no_longer_in_the_inventory():
@@ -534,3 +547,10 @@ def test_the_plan_lists_each_entry_once_with_its_units_and_derived_fields():
     # Derived once, for every check that judges the entry: stop_timeout from time_limit.
     assert g["stop_timeout"] == 900
     assert "devices" not in g and "environment" not in g
+
+
+def test_verify_expects_nothing_to_serve_on_a_drained_host():
+    rows = [_row("high.a", active="inactive"), _row("low.b", active="deactivating")]
+    assert plugin.celery_worker_verify(rows, VERIFY_INSTANCES, "h1", drained=True) == []
+    [problem] = plugin.celery_worker_verify([_row("high.b")], VERIFY_INSTANCES, "h1", drained=True)
+    assert problem.startswith("h1: celery-worker@high.b.service serves although the host is drained")

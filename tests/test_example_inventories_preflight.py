@@ -101,7 +101,10 @@ def test_the_example_passes_preflight(example, wheelhouse, tmp_path):
             hostvars[host]["celery_workers"], defaults, plan_host(inv, host)
         )
         assert plan["errors"] == [], (host, plan["errors"])
-        assert plan["warnings"] == [], (host, plan["warnings"])
+        # On the stand-in 24000 MiB, the GPU host's 4 x 5G units leave no room for a rollout's overlap:
+        # preflight says so, and those units restart in place. Any other warning is a defect.
+        others = [w for w in plan["warnings"] if "the memory budget has no room to run" not in w]
+        assert others == [], (host, others)
         fleet += [{**i, "host": host} for i in plan["instances"]]
     first = hostvars[worker_hosts[0]]
     env = first.get("celery_app_env", {})

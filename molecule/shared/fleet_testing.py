@@ -49,6 +49,25 @@ def on_host(host, body: str, timeout: int = 150):
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def worker_units(host, state: str = "active") -> dict[str, str]:
+    """Each worker instance's slot unit in ``state`` (active: the one that serves), by instance name."""
+    out = host.run(f"systemctl list-units --state={state} --plain --no-legend 'celery-worker@*'").stdout
+    units = [line.split()[0] for line in out.splitlines() if line.strip()]
+    return {u.removeprefix("celery-worker@").removesuffix(".service").partition(".")[0]: u for u in units}
+
+
+def worker_unit(host, instance: str) -> str:
+    """The unit that serves ``instance`` now: ``celery-worker@<instance>.a`` or ``.b``."""
+    units = worker_units(host)
+    assert instance in units, f"no slot of celery-worker@{instance} is active: {units}"
+    return units[instance]
+
+
+def instance_of(node: str) -> str:
+    """``high-1.b@host`` (a worker's node name) -> ``high-1``."""
+    return node.partition("@")[0].partition(".")[0]
+
+
 def exposure(host, unit: str) -> float:
     """The unit's overall `systemd-analyze security` exposure score."""
     out = host.run(f"systemd-analyze security --no-pager {unit} | tail -1").stdout

@@ -47,6 +47,43 @@ def list_units() -> list[dict[str, str]]:
     return sorted(units, key=lambda u: u["unit"])
 
 
+def main_pids(units: list[str]) -> dict[str, int]:
+    """The main process of each unit that has one."""
+    if not units:
+        return {}
+    out = subprocess.run(
+        ["systemctl", "show", "--property=Id,MainPID", "--no-pager", *units],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    pids, unit = {}, None
+    for line in out.splitlines():
+        key, _, value = line.partition("=")
+        if key == "Id":
+            unit = value
+        elif key == "MainPID" and unit and value.isdigit() and int(value) > 0:
+            pids[unit] = int(value)
+    return pids
+
+
+def release_of(cmdline: list[str]) -> str | None:
+    """The release a process runs: the ``releases/<name>`` directory its command starts from."""
+    for word in cmdline:
+        head, sep, tail = word.partition("/releases/")
+        if sep and head and "/" in tail:
+            return tail.partition("/")[0]
+    return None
+
+
+def read_cmdline(pid: int) -> list[str]:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return [w.decode(errors="replace") for w in f.read().split(b"\0") if w]
+    except OSError:
+        return []
+
+
 def node_name(unit: str, hostname: str) -> str | None:
     """The Celery node name of a worker unit: ``<instance>@<hostname>``."""
     if not unit.startswith(WORKER_PREFIX):
@@ -60,12 +97,24 @@ def summarize(
     queues: dict[str, list[dict[str, Any]]],
     stats: dict[str, dict[str, Any]],
     beat_leads: bool = False,
+    *,
+    releases: dict[str, str | None] | None = None,
 ) -> list[dict[str, Any]]:
-    """Join unit states with the workers' own answers, and the beat unit with its lease."""
+    """Join unit states with the workers' own answers and releases, and the beat unit with its lease.
+
+    A unit that is deactivating drains: a retired worker finishing its running tasks.
+    """
     rows = []
     for unit in units:
         node = node_name(unit["unit"], hostname)
-        row: dict[str, Any] = {**unit, "node": node, "queues": None, "tasks_done": None}
+        row: dict[str, Any] = {
+            **unit,
+            "node": node,
+            "queues": None,
+            "tasks_done": None,
+            "release": (releases or {}).get(unit["unit"]),
+            "draining": unit["active"] == "deactivating",
+        }
         if unit["unit"] == "celery-beat.service":
             row["beat"] = "leader" if beat_leads and unit["active"] == "active" else "standby"
         if node is not None:
@@ -118,9 +167,11 @@ def collect(timeout: float) -> dict[str, Any]:
             app.close()
     # The lease deadline the beat supervisor publishes: ahead of now only on the leader.
     beat_leads = time.monotonic() < read_deadline(DEFAULT_STATE_FILE)
+    pids = main_pids([u["unit"] for u in units])
+    releases = {unit: release_of(read_cmdline(pid)) for unit, pid in pids.items()}
     return {
         "host": hostname,
-        "units": summarize(units, hostname, queues, stats, beat_leads),
+        "units": summarize(units, hostname, queues, stats, beat_leads, releases=releases),
         "embedded_beats": embedded_beats(),
     }
 

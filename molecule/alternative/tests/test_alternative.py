@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from fleet_testing import VENV, exposure, fleet_json, journal, on_host, show
+from fleet_testing import VENV, exposure, fleet_json, instance_of, journal, on_host, show, worker_unit
 
 # What molecule.yml's worker list expands to.
 UNITS = {
@@ -20,11 +20,7 @@ GPU_UNITS = {"gpu-1": 0, "gpu-2": 1}
 
 def test_the_units_on_the_host_are_exactly_the_expanded_inventory(host):
     status = fleet_json(host, f"{VENV}/bin/celery-fleet-status")
-    workers = {
-        u["unit"].removeprefix("celery-worker@").removesuffix(".service"): u
-        for u in status["units"]
-        if u["node"]
-    }
+    workers = {instance_of(u["node"]): u for u in status["units"] if u["node"] and u["active"] == "active"}
     assert set(workers) == set(UNITS)
     for name, unit in workers.items():
         assert unit["active"] == "active", journal(host, unit["unit"])
@@ -79,26 +75,26 @@ print(json.dumps(r.get(timeout=60)))
 
 
 def test_limits_reach_systemd(host):
-    hungry = show(host, "celery-worker@hungry", "MemoryMax", "MemoryHigh", "MemorySwapMax", "OOMPolicy")
+    hungry = show(host, worker_unit(host, "hungry"), "MemoryMax", "MemoryHigh", "MemorySwapMax", "OOMPolicy")
     assert hungry == {
         "MemoryMax": str(256 * 1024**2),
         "MemoryHigh": str(256 * 1024**2 * 9 // 10),
         "MemorySwapMax": "0",
         "OOMPolicy": "continue",
     }
-    assert show(host, "celery-worker@gpu-1", "OOMPolicy", "MemoryMax") == {
+    assert show(host, worker_unit(host, "gpu-1"), "OOMPolicy", "MemoryMax") == {
         "OOMPolicy": "stop",
         "MemoryMax": str(1024**3),
     }
-    tiers = show(host, "celery-worker@tiers-1", "CPUAffinity", "CPUQuotaPerSecUSec", "Nice")
+    tiers = show(host, worker_unit(host, "tiers-1"), "CPUAffinity", "CPUQuotaPerSecUSec", "Nice")
     assert tiers == {"CPUAffinity": "0", "CPUQuotaPerSecUSec": "500ms", "Nice": "5"}
     # stop_timeout plus 30 s to shut down; SIGTERM to the main process only.
-    low = show(host, "celery-worker@low", "TimeoutStopUSec", "KillMode", "KillSignal")
+    low = show(host, worker_unit(host, "low"), "TimeoutStopUSec", "KillMode", "KillSignal")
     assert low == {"TimeoutStopUSec": "1min 30s", "KillMode": "mixed", "KillSignal": "15"}
 
 
 def test_an_oom_killed_child_leaves_the_worker_running(host):
-    unit = "celery-worker@hungry"
+    unit = worker_unit(host, "hungry")
     before = show(host, unit, "MainPID", "NRestarts")
     outcome = on_host(
         host,
@@ -142,7 +138,8 @@ print(json.dumps({"ids": ids, "started": started}))
 """,
     )
     assert sent["started"], "no task started within 60 s"
-    restart = host.run("systemctl restart celery-worker@low")
+    low = worker_unit(host, "low")
+    restart = host.run(f"systemctl restart {low}")
     assert restart.rc == 0, restart.stderr
     ids = sent["ids"]
     done = on_host(
@@ -161,7 +158,7 @@ print(json.dumps({{"states": states, "runs": runs}}))
 """,
         timeout=200,
     )
-    log = journal(host, "celery-worker@low")
+    log = journal(host, low)
     assert set(done["states"].values()) == {"SUCCESS"}, f"{done['states']}\n{log}"
     # Each task ran exactly once: the ones running at the restart finished, the rest waited.
     assert sorted(done["runs"]) == sorted(ids), log
@@ -170,11 +167,11 @@ print(json.dumps({{"states": states, "runs": runs}}))
 @pytest.mark.parametrize("unit", sorted(UNITS))
 def test_exposure_is_under_its_bar(host, unit):
     bar = 3.0 if unit in GPU_UNITS else 2.0
-    assert exposure(host, f"celery-worker@{unit}.service") <= bar
+    assert exposure(host, worker_unit(host, unit)) <= bar
 
 
 def test_every_worker_unit_verifies_clean(host):
-    units = " ".join(f"celery-worker@{u}.service" for u in UNITS)
+    units = " ".join(worker_unit(host, u) for u in UNITS)
     result = host.run(f"cd /tmp && systemd-analyze verify --man=no {units}")
     assert result.rc == 0
     assert result.stdout + result.stderr == ""
@@ -199,7 +196,7 @@ def main_argv(host, unit: str) -> list[str]:
 
 @pytest.mark.parametrize("unit", sorted(APPS))
 def test_each_worker_runs_its_own_app(host, unit):
-    argv = main_argv(host, f"celery-worker@{unit}.service")
+    argv = main_argv(host, worker_unit(host, unit))
     assert argv[argv.index("--app") + 1] == APPS[unit], argv
 
 

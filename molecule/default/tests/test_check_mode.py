@@ -10,10 +10,9 @@ from fleet_testing import playbook, snapshot
 from test_preflight_catalogue import inventory, workers
 
 # Tasks that may report "changed" when one worker entry changes: the module that writes every
-# instance's files (whose diff is the change), and the restart it would trigger.
+# slot's files (whose diff is the change); check mode rolls nothing out.
 EXPECTED_CHANGED = {
-    "celery_worker : Write every instance's environment file, drop-in and enablement",
-    "celery_worker : Restart the worker instances whose settings or code changed",
+    "celery_worker : Write every slot's environment file, drop-in and enablement, and plan the rollout",
 }
 
 
@@ -38,8 +37,10 @@ def test_check_mode_shows_a_pending_change_and_changes_nothing(host, hostvars, t
     assert run.returncode == 0, output[-4000:]
     assert "Traceback" not in output
     # The diff of the one file that would change, and nothing else claiming a change.
-    assert "/etc/systemd/system/celery-worker@low.service.d/20-instance.conf" in output, output[-4000:]
-    assert "-ExecStart=" in output and '"--concurrency=3"' in output, output[-4000:]
+    # The change goes to the slot of `low` that is not serving (the rollout's new unit).
+    dropin = r"/etc/systemd/system/celery-worker@low\.[ab]\.service\.d/20-instance\.conf"
+    assert re.search(dropin, output), output[-4000:]
+    assert "+ExecStart=" in output and '"--concurrency=3"' in output, output[-4000:]
     assert changed_tasks(output) <= EXPECTED_CHANGED, changed_tasks(output)
     assert re.search(r"celery-fleet-default\s+:.*changed=[12]\s", output), output[-2000:]
     # Verify says it skipped rather than failing on the fleet that still runs the old setting.

@@ -5,7 +5,16 @@ from __future__ import annotations
 import time
 
 import pytest
-from fleet_testing import VENV, exposure, fleet_json, http_status, journal, redis_cli
+from fleet_testing import (
+    VENV,
+    exposure,
+    fleet_json,
+    http_status,
+    instance_of,
+    journal,
+    redis_cli,
+    worker_unit,
+)
 
 SECRET_FILES = {
     "/etc/celery-fleet/broker.env": ("root", "root"),
@@ -42,11 +51,7 @@ def test_redis_listens_on_loopback_only(host):
 def test_each_worker_is_active_and_consumes_exactly_its_queues(host, hostvars):
     expected = {w["name"]: sorted(w["queues"]) for w in hostvars["celery_workers"]}
     status = fleet_json(host, f"{VENV}/bin/celery-fleet-status")
-    workers = {
-        u["unit"].removeprefix("celery-worker@").removesuffix(".service"): u
-        for u in status["units"]
-        if u["node"]
-    }
+    workers = {instance_of(u["node"]): u for u in status["units"] if u["node"] and u["active"] == "active"}
     assert set(workers) == set(expected), "the units on the host differ from the inventory"
     for name, unit in workers.items():
         assert unit["active"] == "active", journal(host, unit["unit"])
@@ -60,7 +65,8 @@ def test_a_task_round_trips_through_every_queue_on_its_worker(host, hostvars):
     for queue, [result] in results.items():
         assert "error" not in result, f"{queue}: {result}"
         assert result["queue"] == queue
-        assert result["worker"] == f"{consumers[queue]}@{result['hostname']}"
+        assert instance_of(result["worker"]) == consumers[queue]
+        assert result["worker"].endswith(f"@{result['hostname']}")
 
 
 def test_beat_dispatches_the_periodic_task(host, hostvars):
@@ -106,13 +112,13 @@ def test_secret_files_are_root_only(host, path):
 def test_every_fleet_unit_starts_at_boot_with_the_fleet_target(host, hostvars):
     assert host.service("celery.target").is_enabled
     wanted = host.run("systemctl show -p Wants --value celery.target").stdout.split()
-    units = [f"celery-worker@{w['name']}.service" for w in hostvars["celery_workers"]]
+    units = [worker_unit(host, w["name"]) for w in hostvars["celery_workers"]]
     for unit in [*units, "celery-beat.service", "flower.service"]:
         assert unit in wanted, f"{unit} would not start at boot"
 
 
 def test_every_unit_the_project_writes_verifies_clean(host, hostvars):
-    units = [f"celery-worker@{w['name']}.service" for w in hostvars["celery_workers"]]
+    units = [worker_unit(host, w["name"]) for w in hostvars["celery_workers"]]
     units += ["celery-beat.service", "flower.service", "celery.target", "redis-server.service"]
     result = host.run(f"cd /tmp && systemd-analyze verify --man=no {' '.join(units)}")
     assert result.rc == 0
@@ -126,5 +132,5 @@ def test_service_exposure_is_under_its_bar(host, unit, bar):
 
 def test_cpu_worker_exposure_is_under_its_bar(host, hostvars):
     for worker in hostvars["celery_workers"]:
-        unit = f"celery-worker@{worker['name']}.service"
+        unit = worker_unit(host, worker["name"])
         assert exposure(host, unit) <= 2.0, unit

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from fleet_testing import VENV, fleet_json, http_status, journal, on_host, redis_cli, show
 
-WORKER = "celery-worker@embedding.service"
+# A fresh deploy starts every instance in its slot a.
+WORKER = "celery-worker@embedding.a.service"
 
 
 def test_the_one_embedding_worker_consumes_the_default_queue(host):

@@ -80,7 +80,7 @@ THREAD_CAP_VARS = (
 # Character devices every CUDA process opens besides its own /dev/nvidiaN.
 GPU_SHARED_NODES = ("/dev/nvidiactl", "/dev/nvidia-uvm", "/dev/nvidia-uvm-tools")
 # What differs between the units of one entry.
-INSTANCE_FIELDS = ("instance", "gpus", "devices", "environment")
+INSTANCE_FIELDS = ("instance", "gpus", "devices", "environment", "handoff")
 CPU_SET = re.compile(r"[0-9]+(-[0-9]+)?(,[0-9]+(-[0-9]+)?)*")
 UUID = re.compile(r"(GPU|MIG)-[0-9A-Za-z-]+")
 DIGITS = re.compile(r"[0-9]+")
@@ -590,6 +590,40 @@ def memory_budget(instances: list[dict[str, Any]], host: dict[str, Any]) -> tupl
     ], warnings
 
 
+def rollout_overlap(instances: list[dict[str, Any]], host: dict[str, Any]) -> list[str]:
+    """Set each instance's ``handoff``: ``overlap`` where its new unit fits in the budget beside the old.
+
+    A rollout starts the new unit before the old one drains, so both hold memory at once. The units that
+    fit in what the budget leaves get that overlap, in order; the rest restart in place, one at a time,
+    and the warning names the queues that then wait for them.
+    """
+    memtotal = host.get("memtotal_mb")
+    for inst in instances:
+        inst["handoff"] = "overlap"
+    if not memtotal:
+        return []
+    broker = parse_size(host.get("broker_maxmemory") or "") or 0
+    allowed = int(memtotal) * 1024**2 * float(host.get("memory_overcommit") or 1.0)
+    room = allowed - sum(i["memory_max"] or 0 for i in instances) - broker
+    in_place = []
+    for inst in instances:
+        if not inst["memory_max"]:
+            continue
+        if inst["memory_max"] <= room:
+            room -= inst["memory_max"]
+        else:
+            inst["handoff"] = "in_place"
+            in_place.append(inst)
+    return [
+        f"celery_workers[{inst['name']}]: the memory budget has no room to run {inst['instance']}'s new "
+        f"unit ({mib(inst['memory_max'])} MiB) beside its old one during a rollout, so it restarts in place, "
+        f"one unit at a time: its queues {', '.join(inst['queues'])} get no consumer from it for up to "
+        f"{inst['stop_timeout'] + 30} s (its stop_timeout plus 30) and its start. Fix: lower memory_max or "
+        f"replicas here, or raise {OVERCOMMIT_VAR}, if the overlap should never leave a gap."
+        for inst in in_place
+    ]
+
+
 def _overcommit_errors(host: dict[str, Any]) -> list[str]:
     ratio = host.get("memory_overcommit", 1.0)
     try:
@@ -634,6 +668,7 @@ def celery_worker_plan(
     errors = _unit_name_errors(instances) + _shared_gpu_errors(instances)
     budget_errors, warnings = memory_budget(instances, host)
     errors += budget_errors
+    warnings += rollout_overlap(instances, host)
     return {
         "errors": errors,
         "warnings": warnings,
@@ -642,50 +677,124 @@ def celery_worker_plan(
     }
 
 
-def celery_worker_not_running(services: dict[str, Any], names: list[str]) -> list[str]:
-    """The instances in ``names`` that ``service_facts`` does not report as running, in order."""
-    running = {
-        unit[len("celery-worker@") : -len(".service")]
-        for unit, state in services.items()
-        if unit.startswith("celery-worker@") and state.get("state") == "running"
-    }
-    return [name for name in names if name not in running]
+UNIT_PREFIX = "celery-worker@"
 
 
-def celery_worker_verify(rows: list[dict[str, Any]], instances: list[dict[str, Any]], host: str) -> list[str]:
-    """Problems between ``celery-fleet-status`` rows of a host and the instances of its plan."""
-    expected = {f"celery-worker@{i['instance']}.service": sorted(i["queues"]) for i in instances}
-    found = {r["unit"]: r for r in rows if r["unit"].startswith("celery-worker@")}
+def slot_instance(unit: str) -> str | None:
+    """``celery-worker@high-1.b.service`` -> ``high-1``; None for a unit that is not a worker slot."""
+    if not unit.startswith(UNIT_PREFIX) or not unit.endswith(".service"):
+        return None
+    return unit[len(UNIT_PREFIX) : -len(".service")].partition(".")[0]
+
+
+def celery_worker_verify(
+    rows: list[dict[str, Any]], instances: list[dict[str, Any]], host: str, drained: bool = False
+) -> list[str]:
+    """Problems between ``celery-fleet-status`` rows of a host and the instances of its plan.
+
+    Each instance has exactly one serving slot, which answers and consumes exactly its queues; a slot
+    that drains (deactivating) after a rollout is expected, and finishes on its own. On a host that
+    playbooks/drain.yml drained, no slot serves.
+    """
+    if drained:
+        return [
+            f"{host}: {row['unit']} serves although the host is drained. Fix: run playbooks/drain.yml -l "
+            f"{host} again to stop it, or playbooks/undrain.yml -l {host} to bring the host back."
+            for row in rows
+            if slot_instance(row["unit"]) and row.get("active") == "active"
+        ]
+    expected = {i["instance"]: sorted(i["queues"]) for i in instances}
+    slots: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        name = slot_instance(row["unit"])
+        if name is not None:
+            slots.setdefault(name, []).append(row)
     errors = []
-    for unit, queues in sorted(expected.items()):
-        row = found.get(unit)
-        if row is None or row.get("active") != "active":
-            state = "not loaded" if row is None else f"{row.get('active')} ({row.get('sub')})"
+    for name, queues in sorted(expected.items()):
+        found = slots.get(name, [])
+        serving = [r for r in found if r.get("active") == "active"]
+        unit = f"{UNIT_PREFIX}{name}.*"
+        if not serving:
+            states = [f"{r['unit']} {r.get('active')} ({r.get('sub')})" for r in found]
+            state = ", ".join(states) or "not loaded"
             errors.append(
-                f"{host}: {unit} is {state}. Fix: see `journalctl -u {unit}`, then re-run site.yml "
-                "or `systemctl start` it."
+                f"{host}: no slot of {unit} is active ({state}). Fix: see `journalctl -u '{unit}'`, then "
+                "re-run site.yml."
             )
-        elif not row.get("answered"):
+        elif len(serving) > 1:
             errors.append(
-                f"{host}: {unit} is active but its worker does not answer. Fix: see `journalctl -u {unit}`."
+                f"{host}: {' and '.join(r['unit'] for r in serving)} both serve; one rollout left its old "
+                "slot running. Fix: re-run site.yml, which drains the one that is not enabled."
             )
-        elif row.get("queues") != queues:
+        elif not serving[0].get("answered"):
             errors.append(
-                f"{host}: {unit} consumes {row.get('queues')} but celery_workers says {queues}. "
-                "Fix: re-run site.yml to restart it with its configured queues."
+                f"{host}: {serving[0]['unit']} is active but its worker does not answer. Fix: see "
+                f"`journalctl -u {serving[0]['unit']}`."
             )
-    for unit in sorted(set(found) - set(expected)):
-        if found[unit].get("active") == "active":
+        elif serving[0].get("queues") != queues:
             errors.append(
-                f"{host}: {unit} runs but is not in celery_workers. Fix: re-run site.yml, which removes it."
+                f"{host}: {serving[0]['unit']} consumes {serving[0].get('queues')} but celery_workers says "
+                f"{queues}. Fix: re-run site.yml to roll it out with its configured queues."
             )
+    for name in sorted(set(slots) - set(expected)):
+        for row in slots[name]:
+            if row.get("active") == "active":
+                errors.append(
+                    f"{host}: {row['unit']} runs but is not in celery_workers. Fix: re-run site.yml, which "
+                    "removes it."
+                )
     return errors
+
+
+BATCH = re.compile(r"([1-9][0-9]*)(%?)")
+
+
+def batch_size(size: Any, total: int) -> int | None:
+    """Units per batch of ``celery_worker_rollout_batch``: a count or a share of ``total``; else None."""
+    match = BATCH.fullmatch(str(size)) if not isinstance(size, bool) else None
+    if not match or (match[2] and int(match[1]) > 100):
+        return None
+    return max(1, math.ceil(total * int(match[1]) / 100)) if match[2] else int(match[1])
+
+
+def celery_worker_batches(rollouts: dict[str, dict[str, Any]], size: Any) -> list[dict[str, list[Any]]]:
+    """The fleet's rollout in batches, each ``{host: [action, ...]}``; batch 0 is the canary.
+
+    ``rollouts`` maps each host to its units module's ``actions`` and its plan's ``instances``. The
+    canary holds one unit for every queue that rolls out (the first, in host and unit order, that
+    consumes a queue no earlier pick covers); the rest follow in that order, ``size`` units at a time.
+    Each action gains the ``queues`` and ``app`` of its instance.
+    """
+    todo = []
+    for host, rollout in rollouts.items():
+        plan = {i["instance"]: i for i in rollout.get("instances") or []}
+        for action in rollout.get("actions") or []:
+            inst = plan.get(action["instance"], {})
+            todo.append((host, {**action, "queues": inst.get("queues", []), "app": inst.get("app")}))
+    covered: set[str] = set()
+    canary = []
+    for queue in sorted({q for _, a in todo for q in a["queues"]}):
+        if queue not in covered:
+            pick = next(item for item in todo if queue in item[1]["queues"])
+            canary.append(pick)
+            covered.update(pick[1]["queues"])
+    rest = [item for item in todo if item not in canary]
+    n = batch_size(size, len(rest)) or 1
+    batches = [canary] if canary else []
+    batches += [rest[i : i + n] for i in range(0, len(rest), n)]
+    out = []
+    for batch in batches:
+        grouped: dict[str, list[Any]] = {}
+        for host, action in batch:
+            grouped.setdefault(host, []).append(action)
+        out.append(grouped)
+    return out
 
 
 class FilterModule:
     def filters(self) -> dict[str, Any]:
         return {
             "celery_worker_plan": celery_worker_plan,
-            "celery_worker_not_running": celery_worker_not_running,
             "celery_worker_verify": celery_worker_verify,
+            "celery_worker_batches": celery_worker_batches,
         }

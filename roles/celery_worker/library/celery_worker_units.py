@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -13,16 +14,23 @@ from ansible.module_utils.basic import AnsibleModule
 
 DOCUMENTATION = r"""
 module: celery_worker_units
-short_description: Reconcile the per-instance files of templated worker units
+short_description: Reconcile the two slots of every templated worker unit, and plan its rollout
 description:
-  - For each instance, writes its environment file, its systemd drop-in and the C(<target>.wants) link
-    that enables it, only where they differ.
-  - Removes the environment files, drop-in directories and wants links of instances that are not listed.
+  - Every worker instance has two slots, the units C(<unit>@<instance>.a) and C(<unit>@<instance>.b). The
+    enabled slot is the live one. A change (new settings, a new release) is written to the slot that is
+    not running, which is enabled in place of the live one; the caller starts it and, once it consumes,
+    retires the old slot, which finishes its running tasks on its own release and exits. So a queue is
+    never without a consumer during a rollout.
+  - Where an instance may not overlap (C(handoff=in_place), the memory budget has no room) or its other
+    slot still drains an earlier rollout, the live slot's files are rewritten in place and it restarts.
+  - Removes the files and links of slots that neither serve nor run, and of instances that are gone.
   - One call for the whole host, so a no-op run costs the same for 1 or 100 units.
-  - Does not talk to systemd; reload and restart are the caller's job, from C(changed_instances).
+  - Reads unit states from systemd, but starts and stops nothing; C(actions) say what the caller does.
 options:
   instances:
-    description: Instance name to its rendered C(env) and C(dropin) contents.
+    description:
+      - Instance name to its rendered C(env) and C(dropin) contents and its C(handoff).
+      - C(handoff) is C(overlap) (the default) or C(in_place), where the memory budget has no room.
     type: dict
     required: true
   unit:
@@ -30,7 +38,7 @@ options:
     type: str
     default: celery-worker
   target:
-    description: The unit the instances are wanted by.
+    description: The unit the live slots are wanted by.
     type: str
     default: celery.target
   unit_dir:
@@ -38,35 +46,58 @@ options:
     type: path
     default: /etc/systemd/system
   env_dir:
-    description: Where instance environment files live.
+    description: Where slot environment files live.
     type: path
     required: true
   dropin_name:
-    description: File name of the per-instance drop-in.
+    description: File name of the per-slot drop-in.
     type: str
     default: 20-instance.conf
+  drained:
+    description:
+      - The host is drained (C(playbooks/drain.yml)) - each instance's live slot gets its new files,
+        but no slot is enabled and no action starts one.
+    type: bool
+    default: false
 """
 
 RETURN = r"""
+actions:
+  description: >-
+    What the rollout does, per instance that needs it - C(instance), C(unit) (the slot to run, e.g.
+    C(high-1.b)), C(old) (the slot it replaces, or null) and C(mode) - C(handoff) (start C(unit), then
+    retire C(old)), C(restart) (restart C(unit) in place) or C(start) (start C(unit), nothing to replace).
+  type: list
+  elements: dict
 changed_instances:
-  description: Instances whose environment, drop-in or wants link was written.
+  description: Instances whose files or enablement were written.
   type: list
   elements: str
-removed_instances:
-  description: Instances whose files were removed.
+removed_units:
+  description: Slots (instance.slot) whose files were removed and that still run; the caller stops them.
+  type: list
+  elements: str
+retire:
+  description: Slots that serve but are not live (an interrupted rollout); the caller drains them.
   type: list
   elements: str
 """
 
 EXAMPLES = r"""
-- name: Write every worker instance's files
+- name: Write every worker slot's files
   celery_worker_units:
     env_dir: /etc/celery-fleet/workers
     instances:
       high:
-        env: "CELERY_WORKER_ARGS=\"--queues=high\"\n"
+        env: "OMP_NUM_THREADS=\"1\"\n"
         dropin: "[Service]\nTimeoutStopSec=630\n"
+        handoff: overlap
 """
+
+SLOTS = ("a", "b")
+# States in which a slot's process exists (serving, starting or draining).
+BUSY = frozenset({"active", "activating", "reloading", "deactivating", "refreshing"})
+SERVING = BUSY - {"deactivating"}
 
 
 def _read(path: Path) -> str | None:
@@ -90,38 +121,124 @@ def _write(path: Path, content: str, mode: int) -> None:
         raise
 
 
-def plan(params: dict[str, Any]) -> dict[str, Any]:
-    """What to write and remove: ``writes`` (path, content, mode), ``links``, ``removals``, per instance."""
-    unit_dir, env_dir = Path(params["unit_dir"]), Path(params["env_dir"])
-    unit, wants = params["unit"], Path(params["unit_dir"]) / f"{params['target']}.wants"
-    template = unit_dir / f"{unit}@.service"
-    writes, links, removals = [], [], []
+def unit_states(unit: str) -> dict[str, str]:
+    """ActiveState of every loaded slot of ``unit``, keyed by instance.slot."""
+    out = subprocess.run(
+        ["systemctl", "list-units", "--all", "--plain", "--no-legend", "--no-pager", f"{unit}@*.service"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    states = {}
+    for line in out.splitlines():
+        fields = line.split()
+        if len(fields) >= 3 and fields[0].startswith(f"{unit}@"):
+            states[fields[0][len(unit) + 1 : -len(".service")]] = fields[2]
+    return states
+
+
+class Layout:
+    """Where one slot's files live."""
+
+    def __init__(self, params: dict[str, Any]) -> None:
+        self.unit = params["unit"]
+        self.unit_dir, self.env_dir = Path(params["unit_dir"]), Path(params["env_dir"])
+        self.wants = self.unit_dir / f"{params['target']}.wants"
+        self.template = self.unit_dir / f"{self.unit}@.service"
+        self.dropin_name = params["dropin_name"]
+
+    def files(self, slot: str) -> list[tuple[Path, int]]:
+        return [
+            (self.env_dir / f"{slot}.env", 0o600),
+            (self.unit_dir / f"{self.unit}@{slot}.service.d" / self.dropin_name, 0o644),
+        ]
+
+    def link(self, slot: str) -> Path:
+        return self.wants / f"{self.unit}@{slot}.service"
+
+    def enabled(self, slot: str) -> bool:
+        link = self.link(slot)
+        return link.is_symlink() and os.readlink(link) == str(self.template)
+
+    def written(self, slot: str, env: str, dropin: str) -> bool:
+        return all(
+            _read(path) == content and (path.stat().st_mode & 0o7777) == mode
+            for (path, mode), content in zip(self.files(slot), (env, dropin), strict=True)
+        )
+
+    def found(self) -> list[tuple[Path, str]]:
+        """Every slot file, drop-in directory and wants link on disk, with its slot name."""
+        at = len(self.unit) + 1
+        return [
+            *((p, p.name[: -len(".env")]) for p in self.env_dir.glob("*.env")),
+            *((p, p.name[at : -len(".service.d")]) for p in self.unit_dir.glob(f"{self.unit}@?*.service.d")),
+            *((p, p.name[at : -len(".service")]) for p in self.wants.glob(f"{self.unit}@?*.service")),
+        ]
+
+
+def plan(params: dict[str, Any], states: dict[str, str]) -> dict[str, Any]:
+    """What to write, link, unlink and remove, and the rollout ``actions``, from the files and ``states``."""
+    lay = Layout(params)
+    writes: list[tuple[Path, str, int, str | None]] = []
+    links: list[Path] = []
+    unlinks: list[Path] = []
+    actions: list[dict[str, Any]] = []
     changed: set[str] = set()
+    keep: set[str] = set()
+    retire: list[str] = []
     for name, files in sorted(params["instances"].items()):
-        for path, content, mode in (
-            (env_dir / f"{name}.env", files["env"], 0o600),
-            (unit_dir / f"{unit}@{name}.service.d" / params["dropin_name"], files["dropin"], 0o644),
-        ):
-            if _read(path) != content or (path.stat().st_mode & 0o7777) != mode:
-                writes.append((path, content, mode, _read(path)))
-                changed.add(name)
-        link = wants / f"{unit}@{name}.service"
-        if not link.is_symlink() or os.readlink(link) != str(template):
-            links.append((link, template))
+        slots = [f"{name}.{s}" for s in SLOTS]
+        serving = [s for s in slots if states.get(s) in SERVING]
+        enabled = [s for s in slots if lay.enabled(s)]
+        # The live slot: the enabled one (the serving one of two), else the serving one, else the first.
+        live = next((s for s in enabled if s in serving), None) or (enabled or serving or slots)[0]
+        spare = slots[1 - slots.index(live)]
+        env, dropin = files["env"], files["dropin"]
+        target, action = live, None
+        if params["drained"]:
+            # playbooks/drain.yml stopped the host: settings still land, nothing starts or is enabled.
+            pass
+        elif not lay.written(live, env, dropin):
+            if live not in serving:
+                action = {"mode": "start", "old": None}
+            elif files.get("handoff", "overlap") == "overlap" and states.get(spare) not in BUSY:
+                target, action = spare, {"mode": "handoff", "old": live}
+            else:
+                # No room to overlap, or the other slot still drains an earlier rollout.
+                action = {"mode": "restart", "old": None}
+        elif live not in serving:
+            action = {"mode": "start", "old": None}
+        if not lay.written(target, env, dropin):
+            writes += [
+                (path, content, mode, _read(path))
+                for (path, mode), content in zip(lay.files(target), (env, dropin), strict=True)
+            ]
             changed.add(name)
-    keep = set(params["instances"])
-    found = [
-        *((p, p.name[: -len(".env")]) for p in env_dir.glob("*.env")),
-        *((p, p.name[len(unit) + 1 : -len(".service.d")]) for p in unit_dir.glob(f"{unit}@?*.service.d")),
-        *((p, p.name[len(unit) + 1 : -len(".service")]) for p in wants.glob(f"{unit}@?*.service")),
-    ]
-    removals = sorted((p, name) for p, name in found if name not in keep)
+        for slot in slots:
+            if slot == target and not lay.enabled(slot) and not params["drained"]:
+                links.append(lay.link(slot))
+                changed.add(name)
+            elif (slot != target or params["drained"]) and lay.enabled(slot):
+                unlinks.append(lay.link(slot))
+                changed.add(name)
+        if action:
+            actions.append({"instance": name, "unit": target, **action})
+        # A serving slot that is not the live one (an interrupted rollout) drains too.
+        old = action["old"] if action else None
+        retire += [s for s in serving if s not in (target, old) and not params["drained"]]
+        # A slot that still runs keeps its files until it has stopped: systemd reads them while it drains.
+        keep.update(s for s in slots if s == target or states.get(s) in BUSY)
+    removals = sorted((p, slot) for p, slot in lay.found() if slot not in keep and p not in unlinks)
+    removed = sorted({slot for _, slot in removals})
     return {
         "writes": writes,
-        "links": links,
+        "links": [(link, lay.template) for link in links],
+        "unlinks": unlinks,
         "removals": removals,
+        "actions": actions,
         "changed_instances": sorted(changed),
-        "removed_instances": sorted({name for _, name in removals}),
+        "removed_units": [s for s in removed if states.get(s) in BUSY],
+        "retire": retire,
     }
 
 
@@ -133,6 +250,8 @@ def apply(todo: dict[str, Any]) -> None:
         if link.is_symlink() or link.exists():
             link.unlink()
         link.symlink_to(target)
+    for link in todo["unlinks"]:
+        link.unlink()
     for path, _ in todo["removals"]:
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
@@ -149,14 +268,19 @@ def main() -> None:
             "unit_dir": {"type": "path", "default": "/etc/systemd/system"},
             "env_dir": {"type": "path", "required": True},
             "dropin_name": {"type": "str", "default": "20-instance.conf"},
+            "drained": {"type": "bool", "default": False},
         },
         supports_check_mode=True,
     )
     for name, files in module.params["instances"].items():
         if not isinstance(files, dict) or not {"env", "dropin"} <= set(files):
             module.fail_json(msg=f"instances[{name}] needs env and dropin contents")
-    todo = plan(module.params)
-    changed = bool(todo["writes"] or todo["links"] or todo["removals"])
+    try:
+        states = unit_states(module.params["unit"])
+    except (OSError, subprocess.CalledProcessError) as exc:
+        module.fail_json(msg=f"celery_worker_units: cannot read the unit states from systemctl: {exc}")
+    todo = plan(module.params, states)
+    changed = bool(todo["writes"] or todo["links"] or todo["unlinks"] or todo["removals"])
     diff = [
         {"before_header": str(p), "after_header": str(p), "before": before or "", "after": content}
         for p, content, _, before in todo["writes"]
@@ -168,8 +292,10 @@ def main() -> None:
         apply(todo)
     module.exit_json(
         changed=changed,
+        actions=todo["actions"],
         changed_instances=todo["changed_instances"],
-        removed_instances=todo["removed_instances"],
+        removed_units=todo["removed_units"],
+        retire=todo["retire"],
         diff=diff,
     )
 

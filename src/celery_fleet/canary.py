@@ -1,0 +1,158 @@
+"""Wait until a new worker unit consumes its queues, and prove a task makes the round trip through it.
+
+``celery-fleet-canary`` is the gate of a rollout (``roles/celery_worker/tasks/rollout.yml``): the
+old unit is retired only once this exits 0 for its replacement. It runs from the new unit's own
+release, with the environment files the unit reads, so it imports the app the worker imports.
+
+Readiness: the worker, asked by its node name, reports every queue it should consume. The
+round trip (``--round-trip``): the worker is told to consume a private queue, a task is sent
+there and its result read back; the queue is then cancelled and deleted. The task is
+``celery.accumulate``, which every Celery app registers and which has no side effect, so any app
+works unchanged. Without a result backend the worker's own task count is read instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from celery_fleet.app_report import one_line
+from celery_fleet.status import load_env
+
+UNIT = "celery-worker@{}.service"
+ROUND_TRIP_TASK = "celery.accumulate"
+
+
+class CanaryError(Exception):
+    """The unit never became ready, or the round trip failed."""
+
+
+def unit_state(unit: str) -> tuple[str, int]:
+    """The slot unit's ActiveState and how often systemd restarted it."""
+    out = subprocess.run(
+        ["systemctl", "show", "--property=ActiveState,NRestarts", UNIT.format(unit)],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    props = dict(line.partition("=")[::2] for line in out.splitlines())
+    return props.get("ActiveState", ""), int(props.get("NRestarts") or 0)
+
+
+def unit_watch(unit: str) -> Callable[[], None]:
+    """A check that raises once the slot unit has failed or been restarted since this call."""
+    _, restarts = unit_state(unit)
+
+    def check() -> None:
+        state, now = unit_state(unit)
+        if state == "failed" or now > restarts:
+            raise CanaryError(f"{UNIT.format(unit)} exited while starting (state {state})")
+
+    return check
+
+
+def wait_consuming(app: Any, node: str, queues: set[str], deadline: float, alive: Callable[[], None]) -> None:
+    """Until ``node`` answers and consumes every queue in ``queues``; ``alive`` fails fast if it died."""
+    seen: set[str] | None = None
+    while time.monotonic() < deadline:
+        alive()
+        replies = app.control.inspect(destination=[node], timeout=1.0).active_queues() or {}
+        if node in replies:
+            seen = {q["name"] for q in replies[node]}
+            if queues <= seen:
+                return
+        time.sleep(0.5)
+    if seen is None:
+        raise CanaryError(f"{node} did not answer")
+    raise CanaryError(f"{node} consumes {sorted(seen)}, not yet {sorted(queues - seen)}")
+
+
+def accepted(app: Any, node: str) -> int:
+    stats = app.control.inspect(destination=[node], timeout=1.0).stats() or {}
+    return int(stats.get(node, {}).get("total", {}).get(ROUND_TRIP_TASK, 0))
+
+
+def round_trip(app: Any, node: str, deadline: float) -> None:
+    """Send one task through a queue only ``node`` consumes, and see it done."""
+    from celery.backends.base import DisabledBackend  # noqa: PLC0415 -- keep --help fast
+
+    name = f"celery-fleet.canary.{node}"
+    # The worker declares the queue as Celery does for a missing one; so does this side.
+    app.conf.task_create_missing_queues = True
+    queue = app.amqp.queues[name]
+    token = uuid.uuid4().hex
+    with app.connection_for_write() as conn:
+        queue(conn.default_channel).declare()
+    try:
+        reply = app.control.add_consumer(name, destination=[node], reply=True, timeout=5.0) or []
+        if not any(node in r and "ok" in r[node] for r in reply):
+            raise CanaryError(f"{node} did not take the canary queue ({reply})")
+        without_backend = isinstance(app.backend, DisabledBackend)
+        before = accepted(app, node) if without_backend else 0
+        result = app.send_task(ROUND_TRIP_TASK, args=[token], queue=name)
+        if without_backend:
+            while accepted(app, node) <= before:
+                if time.monotonic() > deadline:
+                    raise CanaryError(f"{node} did not run the canary task")
+                time.sleep(0.5)
+        else:
+            try:
+                value = result.get(timeout=max(1.0, deadline - time.monotonic()), propagate=True)
+            except Exception as exc:
+                raise CanaryError(f"the canary task through {node} failed: {one_line(exc)}") from exc
+            finally:
+                result.forget()
+            if value != [token]:
+                raise CanaryError(f"the canary task through {node} returned {value!r}")
+    finally:
+        app.control.cancel_consumer(name, destination=[node], reply=True, timeout=5.0)
+        with app.connection_for_write() as conn:
+            queue(conn.default_channel).delete()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--env-file", action="append", required=True, help="environment file the unit reads")
+    parser.add_argument("--app", required=True, help="the unit's app module, as `celery --app` takes it")
+    parser.add_argument("--unit", required=True, help="the worker slot, as instance.slot (high-1.b)")
+    parser.add_argument("--queues", required=True, help="comma-separated queues the worker must consume")
+    parser.add_argument("--round-trip", action="store_true", help="also send a task through the worker")
+    parser.add_argument("--timeout", type=float, default=120.0, help="seconds until the canary fails")
+    args = parser.parse_args(argv)
+    node = f"{args.unit}@{socket.gethostname()}"
+    started = time.monotonic()
+    deadline = started + args.timeout
+    try:
+        load_env(args.env_file)
+        from celery.app.utils import find_app  # noqa: PLC0415 -- keep --help fast
+
+        try:
+            app = find_app(args.app)
+        except Exception as exc:
+            raise CanaryError(f"the app {args.app} does not import: {one_line(exc)}") from exc
+        try:
+            queues = set(filter(None, args.queues.split(",")))
+            wait_consuming(app, node, queues, deadline, unit_watch(args.unit))
+            ready = time.monotonic() - started
+            if args.round_trip:
+                round_trip(app, node, deadline)
+        finally:
+            app.close()
+    except Exception as exc:  # the broker refuses us, systemctl is missing, the canary failed
+        sys.stderr.write(f"celery-fleet-canary: {node}: {one_line(exc)}\n")
+        return 1
+    total = time.monotonic() - started
+    json.dump({"node": node, "ready_s": round(ready, 1), "total_s": round(total, 1)}, sys.stdout)
+    sys.stdout.write("\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
