@@ -126,6 +126,11 @@ def test_a_process_release_is_the_release_directory_it_starts_from(cmdline, rele
     assert status.release_of(cmdline) == release
 
 
+def test_main_pids_are_read_per_unit_in_any_property_order():
+    out = "MainPID=8523\nId=flower.service\n\nId=celery-beat.service\nMainPID=0\n\nMainPID=7\nId=x.service\n"
+    assert status.parse_pids(out) == {"flower.service": 8523, "x.service": 7}
+
+
 def test_status_rows_carry_release_and_draining():
     units = [
         {"unit": "celery-worker@a.a.service", "active": "deactivating", "sub": "stop-sigterm"},
@@ -153,6 +158,10 @@ def test_releases_beyond_the_newest_n_go_unless_a_process_runs_from_them(tmp_pat
         (wheelhouse / name).mkdir(parents=True)
     make_release(releases, "broken", None)  # an install that never finished
     # A process that runs from r1, as a worker draining on it does: its command line names it.
+    # A rollback made r2 current again after r5 was installed: it counts as the most recently used.
+    activated = releases / "r2/.celery-fleet-activated"
+    activated.write_text("")
+    os.utime(activated, (now, now))
     sleeper = subprocess.Popen(["/bin/sh", "-c", "sleep 30", str(releases / "r1/bin/celery")])
     try:
         answer = run_ansible_module(
@@ -165,12 +174,13 @@ def test_releases_beyond_the_newest_n_go_unless_a_process_runs_from_them(tmp_pat
         sleeper.kill()
         sleeper.wait()
     assert not answer.get("failed"), answer
-    # Kept: r4 (current), the two newest others (r5, r3), and r1 (in use); r2 and the broken one go.
-    assert sorted(p.name for p in releases.iterdir()) == ["r1", "r3", "r4", "r5"]
+    # Kept: r4 (current), the two most recently used others (r2, r5), and r1 (in use); r3 and the
+    # broken one go.
+    assert sorted(p.name for p in releases.iterdir()) == ["r1", "r2", "r4", "r5"]
     assert [(r["name"], r["in_use"]) for r in answer["releases"]] == [
+        ("r2", False),
         ("r5", False),
         ("r4", False),
-        ("r3", False),
         ("r1", True),
     ]
     assert sorted(p.name for p in wheelhouse.iterdir()) == ["r4"]

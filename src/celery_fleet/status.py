@@ -57,13 +57,17 @@ def main_pids(units: list[str]) -> dict[str, int]:
         capture_output=True,
         text=True,
     ).stdout
-    pids, unit = {}, None
-    for line in out.splitlines():
-        key, _, value = line.partition("=")
-        if key == "Id":
-            unit = value
-        elif key == "MainPID" and unit and value.isdigit() and int(value) > 0:
-            pids[unit] = int(value)
+    return parse_pids(out)
+
+
+def parse_pids(out: str) -> dict[str, int]:
+    """``systemctl show --property=Id,MainPID`` output: one blank-line separated block per unit,
+    its properties in systemd's own order, not the order asked for."""
+    pids = {}
+    for block in out.split("\n\n"):
+        props = dict(line.partition("=")[::2] for line in block.splitlines())
+        if props.get("Id") and props.get("MainPID", "0").isdigit() and int(props["MainPID"]) > 0:
+            pids[props["Id"]] = int(props["MainPID"])
     return pids
 
 
@@ -147,8 +151,9 @@ def fleet_nodes(timeout: float) -> dict[str, list[str]]:
     return {node: sorted(q["name"] for q in queues) for node, queues in sorted(replies.items())}
 
 
-def collect(timeout: float) -> dict[str, Any]:
-    """This host's fleet units, each worker's own answer, and whether this host's beat leads."""
+def collect(timeout: float, drained_mark: str) -> dict[str, Any]:
+    """This host's fleet units, each worker's own answer, whether this host's beat leads, and whether
+    playbooks/drain.yml drained it (``drained_mark`` exists)."""
     hostname = socket.gethostname()
     units = list_units()
     nodes = [n for n in (node_name(u["unit"], hostname) for u in units) if n]
@@ -172,6 +177,7 @@ def collect(timeout: float) -> dict[str, Any]:
     return {
         "host": hostname,
         "units": summarize(units, hostname, queues, stats, beat_leads, releases=releases),
+        "drained": os.path.exists(drained_mark),
         "embedded_beats": embedded_beats(),
     }
 
@@ -190,9 +196,12 @@ def main(argv: list[str] | None = None) -> int:
         help="list every worker the broker reaches, on any host, with its queues (not this host's units)",
     )
     args = parser.parse_args(argv)
+    env_files = args.env_file or list(DEFAULT_ENV_FILES)
+    # The drain mark lives beside the environment files, in the fleet's configuration directory.
+    drained_mark = os.path.join(os.path.dirname(env_files[0]), "drained")
     try:
-        load_env(args.env_file or list(DEFAULT_ENV_FILES))
-        report = {"nodes": fleet_nodes(args.timeout)} if args.fleet else collect(args.timeout)
+        load_env(env_files)
+        report = {"nodes": fleet_nodes(args.timeout)} if args.fleet else collect(args.timeout, drained_mark)
     except Exception as exc:  # an unreadable env file, no systemctl, a broker that refuses us
         # One line for verify.yml to quote, not a traceback.
         sys.stderr.write(f"celery-fleet-status: {one_line(exc)}\n")

@@ -15,7 +15,9 @@ module: releases
 short_description: The app releases installed on a host, which processes run from them, and pruning
 description:
   - A release is a virtualenv under O(releases_dir), named by its wheelhouse digest and complete once
-    its C(.celery-fleet-installed) marker exists; the marker's time is the release's install time.
+    its C(.celery-fleet-installed) marker exists. Its C(.celery-fleet-activated) marker is touched each
+    time the C(venv) link is pointed at it; releases are ordered by that time (else the install time),
+    newest first, so the one after the current is the release the fleet ran before.
   - With O(keep), removes every release beyond the newest O(keep) (counting O(current)) and every
     incomplete one, except a release that a running process starts from (its path is in the process's
     command line, as every fleet unit starts from its release directory). Wheelhouses other than
@@ -43,7 +45,9 @@ options:
 
 RETURN = r"""
 releases:
-  description: Every complete release left, newest first - C(name), C(installed) (UTC, ISO 8601), C(in_use).
+  description: >-
+    Every complete release left, most recently activated first - C(name), C(used) (when it last became
+    current, else when it was installed; UTC, ISO 8601), C(in_use).
   type: list
   elements: dict
 removed:
@@ -53,6 +57,7 @@ removed:
 """
 
 MARKER = ".celery-fleet-installed"
+ACTIVATED = ".celery-fleet-activated"
 
 
 def in_use(releases_dir: Path, proc: Path) -> set[str]:
@@ -80,9 +85,11 @@ def survey(releases_dir: Path, proc: Path) -> list[dict[str, Any]]:
     for path in releases_dir.iterdir() if releases_dir.is_dir() else []:
         if not path.is_dir() or path.is_symlink():
             continue
-        marker = path / MARKER
-        installed = marker.stat().st_mtime if marker.exists() else None
-        found.append({"name": path.name, "path": path, "mtime": installed, "in_use": path.name in used})
+        marker, activated = path / MARKER, path / ACTIVATED
+        used_at = None
+        if marker.exists():
+            used_at = max(marker.stat().st_mtime, activated.stat().st_mtime if activated.exists() else 0)
+        found.append({"name": path.name, "path": path, "mtime": used_at, "in_use": path.name in used})
     return sorted(found, key=lambda r: (r["mtime"] is not None, r["mtime"] or 0, r["name"]), reverse=True)
 
 
@@ -124,7 +131,7 @@ def main() -> None:
         releases=[
             {
                 "name": r["name"],
-                "installed": datetime.fromtimestamp(r["mtime"], UTC).isoformat(timespec="seconds"),
+                "used": datetime.fromtimestamp(r["mtime"], UTC).isoformat(timespec="seconds"),
                 "in_use": r["in_use"],
             }
             for r in left
