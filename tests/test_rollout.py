@@ -205,6 +205,10 @@ def test_the_canary_waits_for_the_queues_and_sends_a_task_through_the_new_worker
         assert not redis_server.client().exists(f"celery-fleet.canary.{node}")
         with pytest.raises(canary.CanaryError, match="consumes"):
             canary.wait_consuming(app, node, {"cpu", "training"}, time.monotonic() + 2, lambda: None)
+        # Retired, the worker takes no more tasks but still answers (its running tasks finish).
+        canary.retire(app, node, {"cpu", "io"}, time.monotonic() + 30)
+        replies = app.control.inspect(destination=[node], timeout=2).active_queues()
+        assert replies[node] == []
     finally:
         app.close()
         worker.terminate()

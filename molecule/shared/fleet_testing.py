@@ -124,6 +124,7 @@ def playbook(
     extra_vars: dict | None = None,
     check: bool = False,
     json_output: bool = False,
+    limit: str | None = None,
 ) -> subprocess.CompletedProcess:
     """Run one of the project's playbooks from the controller, as a user would.
 
@@ -138,6 +139,8 @@ def playbook(
         args += ["--extra-vars", json.dumps(extra_vars)]
     if check:
         args += ["--check", "--diff"]
+    if limit:
+        args += ["--limit", limit]
     return subprocess.run(
         [str(Path(sys.executable).parent / "ansible-playbook"), *args, name],
         cwd=ROOT,

@@ -4,6 +4,9 @@
 old unit is retired only once this exits 0 for its replacement. It runs from the new unit's own
 release, with the environment files the unit reads, so it imports the app the worker imports.
 
+``--retire`` instead tells an old unit, once its replacement serves, to stop taking tasks and to
+start the ones it holds; the rollout stops it right after.
+
 Readiness: the worker, asked by its node name, reports every queue it should consume. The
 round trip (``--round-trip``): the worker is told to consume a private queue, a task is sent
 there and its result read back; the queue is then cancelled and deleted. The task is
@@ -117,6 +120,22 @@ def round_trip(app: Any, node: str, deadline: float) -> None:
             queue(conn.default_channel).delete()
 
 
+def retire(app: Any, node: str, queues: set[str], deadline: float) -> None:
+    """Have the old ``node`` stop taking tasks, and wait until it has started every one it reserved.
+
+    A worker reserves messages before a process is free for them, and a warm shutdown keeps the
+    ones it has not started until it exits: behind a long task, for as long as that runs. Told to
+    cancel its consumers first, it takes no more and starts what it holds; then it is stopped.
+    """
+    for queue in sorted(queues):
+        app.control.cancel_consumer(queue, destination=[node], reply=True, timeout=5.0)
+    while time.monotonic() < deadline:
+        reserved = app.control.inspect(destination=[node], timeout=1.0).reserved()
+        if reserved is None or not reserved.get(node):
+            return
+        time.sleep(0.5)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--env-file", action="append", required=True, help="environment file the unit reads")
@@ -124,6 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--unit", required=True, help="the worker slot, as instance.slot (high-1.b)")
     parser.add_argument("--queues", required=True, help="comma-separated queues the worker must consume")
     parser.add_argument("--round-trip", action="store_true", help="also send a task through the worker")
+    parser.add_argument(
+        "--retire", action="store_true", help="instead: tell --unit (an old slot) to stop taking tasks"
+    )
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds until the canary fails")
     args = parser.parse_args(argv)
     node = f"{args.unit}@{socket.gethostname()}"
@@ -139,9 +161,12 @@ def main(argv: list[str] | None = None) -> int:
             raise CanaryError(f"the app {args.app} does not import: {one_line(exc)}") from exc
         try:
             queues = set(filter(None, args.queues.split(",")))
-            wait_consuming(app, node, queues, deadline, unit_watch(args.unit))
+            if args.retire:
+                retire(app, node, queues, deadline)
+            else:
+                wait_consuming(app, node, queues, deadline, unit_watch(args.unit))
             ready = time.monotonic() - started
-            if args.round_trip:
+            if args.round_trip and not args.retire:
                 round_trip(app, node, deadline)
         finally:
             app.close()

@@ -12,9 +12,11 @@ from __future__ import annotations
 import errno
 import glob
 import hashlib
+import json
 import os
 import signal
 import socket
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,6 +30,7 @@ from demo_app.celery import PROFILE
 
 TICKS_KEY = "demo:ticks"
 RUNS_KEY = "demo:runs"
+RECORDS_KEY = "demo:records"
 CRASHES_KEY = "demo:crashes"
 DISPATCHED_AT = "demo_dispatched_at"
 # The name (``main``) of the app that published a tick: beat's app, when beat sent it.
@@ -136,6 +139,33 @@ def sleep(self: Any, seconds: float) -> dict[str, Any]:
     with _broker_redis(self.app) as client:
         client.rpush(RUNS_KEY, self.request.id)
     return {"slept": seconds, **_where(self)}
+
+
+def release() -> str:
+    """The release this process runs: its virtualenv's directory name (a release digest on a fleet host)."""
+    return os.path.basename(sys.prefix)
+
+
+@shared_task(bind=True)
+def record(self: Any, seconds: float) -> dict[str, Any]:
+    """Sleep, then append what ran where to ``demo:records``: the load test's ledger.
+
+    Each record holds the task id, its queue, the worker and the release it ran on, and when it
+    started and finished (the host's clock), so a test can tell lost, repeated and late tasks.
+    """
+    started = time.time()
+    time.sleep(seconds)
+    entry = {
+        "id": self.request.id,
+        "queue": (self.request.delivery_info or {}).get("routing_key"),
+        "worker": self.request.hostname,
+        "release": release(),
+        "started": started,
+        "finished": time.time(),
+    }
+    with _broker_redis(self.app) as client:
+        client.rpush(RECORDS_KEY, json.dumps(entry))
+    return entry
 
 
 @shared_task(bind=True)
