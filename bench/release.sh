@@ -8,16 +8,16 @@
 #
 # Both deploy the same demo app (this checkout's, with the load task) on a fresh bench container,
 # then roll a copy of it that differs in one line (same version) while demo_app.load sends a short
-# task to every queue each 0.5 s, 3 s tasks to two, and one 60 s task to `processing`. Appends one
+# task to every queue each 0.5 s, 3 s tasks to two, and one 180 s task to `processing`. Appends one
 # JSON line per way to bench/results/release.jsonl.
 #
-# Reproduce: make venv image && bench/release.sh   (about 12 minutes)
+# Reproduce: make venv image && bench/release.sh   (about 14 minutes)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 export PATH="$ROOT/.venv/bin:$PATH" ANSIBLE_CONFIG="$ROOT/ansible.cfg"
 OLD_REF=${OLD_REF:-89fc91d}
-LONG=${LONG:-60}
+LONG=${LONG:-180}
 results=bench/results/release.jsonl
 work=$(mktemp -d /tmp/celery-fleet-bench-release.XXXXXX)
 C=bench-fleet
@@ -67,6 +67,10 @@ run_way() {  # run_way <name> <checkout>
     -e "{\"celery_app_sources\": [\"$work/v2\"]}" >"$work/$name-v2.log") || { tail -30 "$work/$name-v2.log"; exit 1; }
   t1=$(date +%s.%N); until=$t1
   docker exec "$C" touch /tmp/load.stop
+  for _ in $(seq 30); do
+    [ "$(docker exec "$C" systemctl is-active bench-load || true)" = active ] || break
+    sleep 1
+  done
   verdict=$(fleet_py -m demo_app.load check --sent /tmp/load-sent.json --since "$since" --until "$until" \
     --timeout $((LONG + 120)))
   python3 - "$name" "$OLD_REF" "$t0" "$t1" "$verdict" "$(nproc)" <<'PY' | tee -a "$results"

@@ -554,3 +554,11 @@ def test_verify_expects_nothing_to_serve_on_a_drained_host():
     assert plugin.celery_worker_verify(rows, VERIFY_INSTANCES, "h1", drained=True) == []
     [problem] = plugin.celery_worker_verify([_row("high.b")], VERIFY_INSTANCES, "h1", drained=True)
     assert problem.startswith("h1: celery-worker@high.b.service serves although the host is drained")
+
+
+def test_verify_expects_a_paused_queue_to_be_consumed_by_no_unit():
+    rows = [_row("high", queues=["high_priority"]), _row("low", queues=["b"])]
+    assert plugin.celery_worker_verify(rows, VERIFY_INSTANCES, "h1", paused=["a"]) == []
+    rows = [_row("high", queues=["high_priority"]), _row("low", queues=["a", "b"])]
+    [problem] = plugin.celery_worker_verify(rows, VERIFY_INSTANCES, "h1", paused=["a"])
+    assert problem.startswith("h1: celery-worker@low.a.service consumes a, which is paused"), problem

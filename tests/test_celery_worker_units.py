@@ -98,13 +98,17 @@ def test_the_next_change_goes_back_to_the_first_slot(tmp_path):
     assert dropin(tmp_path, "x.a") == "[Service]\nNice=3\n"
 
 
-def test_a_slot_still_draining_keeps_its_files_and_forces_a_restart_in_place(tmp_path):
+def test_while_the_other_slot_still_drains_the_live_one_serves_on_unchanged(tmp_path):
     run(params(tmp_path, {"x": "1"}))
     run(params(tmp_path, {"x": "2"}), {"x.a": "active"})
     todo = run(params(tmp_path, {"x": "3"}), {"x.a": "deactivating", "x.b": "active"})
-    assert todo["actions"] == [{"instance": "x", "unit": "x.b", "mode": "restart", "old": None}]
+    # No restart (that would leave the queue without a consumer while x.b drains): deferred instead.
+    assert todo["actions"] == [] and todo["deferred"] == ["x"] and todo["writes"] == []
     assert dropin(tmp_path, "x.a") == "[Service]\nNice=1\n"
-    assert dropin(tmp_path, "x.b") == "[Service]\nNice=3\n"
+    assert dropin(tmp_path, "x.b") == "[Service]\nNice=2\n"
+    # Once x.a has exited, the change hands over to it.
+    todo = run(params(tmp_path, {"x": "3"}), {"x.b": "active"})
+    assert todo["actions"] == [{"instance": "x", "unit": "x.a", "mode": "handoff", "old": "x.b"}]
 
 
 def test_a_unit_without_room_to_overlap_restarts_in_place(tmp_path):
@@ -112,6 +116,14 @@ def test_a_unit_without_room_to_overlap_restarts_in_place(tmp_path):
     todo = run(params(tmp_path, {"x": "2"}, handoff="in_place"), {"x.a": "active"})
     assert todo["actions"] == [{"instance": "x", "unit": "x.a", "mode": "restart", "old": None}]
     assert enabled(tmp_path) == ["celery-worker@x.a.service"]
+
+
+def test_a_run_that_died_before_starting_the_new_slot_hands_over_from_the_serving_one(tmp_path):
+    run(params(tmp_path, {"x": "1"}))
+    run(params(tmp_path, {"x": "2"}), {"x.a": "active"})  # x.b written and enabled, never started
+    todo = run(params(tmp_path, {"x": "2"}), {"x.a": "active", "x.b": "failed"})
+    assert todo["actions"] == [{"instance": "x", "unit": "x.b", "mode": "handoff", "old": "x.a"}]
+    assert todo["retire"] == []
 
 
 def test_a_serving_slot_that_is_not_live_is_retired(tmp_path):
@@ -128,9 +140,20 @@ def test_removed_renamed_and_legacy_instances_lose_every_file(tmp_path):
     legacy = tmp_path / "system/celery-worker@x.service.d"  # one unit per instance, before slots
     legacy.mkdir()
     (tmp_path / "workers/x.env").write_text("OLD=1\n")
-    todo = run(params(tmp_path, {"x": "1", "z": "2"}), {"x.a": "active", "y.a": "active", "x": "active"})
+    states = {"x.a": "active", "y.a": "active", "x": "active"}
+    todo = run(params(tmp_path, {"x": "1", "z": "2"}), states)
     assert todo["removed_units"] == ["x", "y.a"]
     assert todo["changed_instances"] == ["z"]
+    # Still running, they are disabled at once but keep their drop-ins and environments until they stop.
+    assert sorted(Path(p).name for p in todo["leftovers"]) == [
+        "celery-worker@x.service.d",
+        "celery-worker@y.a.service.d",
+        "x.env",
+        "y.a.env",
+    ]
+    assert enabled(tmp_path) == ["celery-worker@x.a.service", "celery-worker@z.a.service"]
+    for path in todo["leftovers"]:
+        units.shutil.rmtree(path) if Path(path).is_dir() else Path(path).unlink()
     left = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
     assert not [p for p in left if "@y" in p or p.endswith(("y.a.env", "/x.env", "@x.service.d"))]
     assert "system/celery-worker@.service.d" in left

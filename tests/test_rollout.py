@@ -158,10 +158,12 @@ def test_releases_beyond_the_newest_n_go_unless_a_process_runs_from_them(tmp_pat
         (wheelhouse / name).mkdir(parents=True)
     make_release(releases, "broken", None)  # an install that never finished
     # A process that runs from r1, as a worker draining on it does: its command line names it.
-    # A rollback made r2 current again after r5 was installed: it counts as the most recently used.
-    activated = releases / "r2/.celery-fleet-activated"
-    activated.write_text("")
-    os.utime(activated, (now, now))
+    # r2 served last (a rollback returned to it after r5 was installed), r3 before it; r1, r4 and
+    # r5 never passed verify.
+    for name, when in (("r3", now - 10), ("r2", now)):
+        served = releases / name / ".celery-fleet-served"
+        served.write_text("")
+        os.utime(served, (when, when))
     sleeper = subprocess.Popen(["/bin/sh", "-c", "sleep 30", str(releases / "r1/bin/celery")])
     try:
         answer = run_ansible_module(
@@ -174,20 +176,26 @@ def test_releases_beyond_the_newest_n_go_unless_a_process_runs_from_them(tmp_pat
         sleeper.kill()
         sleeper.wait()
     assert not answer.get("failed"), answer
-    # Kept: r4 (current), the two most recently used others (r2, r5), and r1 (in use); r3 and the
-    # broken one go.
-    assert sorted(p.name for p in releases.iterdir()) == ["r1", "r2", "r4", "r5"]
-    assert [(r["name"], r["in_use"]) for r in answer["releases"]] == [
-        ("r2", False),
-        ("r5", False),
-        ("r4", False),
-        ("r1", True),
+    # Kept: r4 (current), the two that served last (r2, r3), and r1 (in use); r5, which never
+    # served, and the incomplete one go.
+    assert sorted(p.name for p in releases.iterdir()) == ["r1", "r2", "r3", "r4"]
+    assert [(r["name"], bool(r["served"]), r["in_use"]) for r in answer["releases"]] == [
+        ("r2", True, False),
+        ("r3", True, False),
+        ("r4", False, False),
+        ("r1", False, True),
     ]
     assert sorted(p.name for p in wheelhouse.iterdir()) == ["r4"]
     again = run_ansible_module(
         RELEASES, {"releases_dir": str(releases), "current": "r4", "keep": 0}, tmp_path, timeout=60
     )
     assert not again["changed"] and len(again["releases"]) == 4
+    # r4 passes verify: it is marked served once, and becomes the first a later rollback passes over.
+    marked = run_ansible_module(RELEASES, {"releases_dir": str(releases), "served": "r4"}, tmp_path, 60)
+    assert marked["changed"] and marked["releases"][0]["name"] == "r4"
+    assert not run_ansible_module(RELEASES, {"releases_dir": str(releases), "served": "r4"}, tmp_path, 60)[
+        "changed"
+    ]
 
 
 def test_the_canary_waits_for_the_queues_and_sends_a_task_through_the_new_worker(redis_server, tmp_path):
@@ -218,6 +226,28 @@ def test_the_canary_waits_for_the_queues_and_sends_a_task_through_the_new_worker
                 os.environ.pop(k, None)
 
 
+def test_a_worker_too_busy_to_answer_passes_on_its_log_of_a_real_task(redis_server):
+    node = "w.b@nowhere"
+    log = (
+        f"[..] {node} ready.\n[..] Task demo_app.tasks.train[0b6c1c8e-7a1e-4c55-9d5e-3f3c1d2a9e10] received\n"
+    )
+    os.environ["CELERY_BROKER_URL"] = redis_server.url
+    app = Celery("canary-test")
+    try:
+        # Nobody answers for `nowhere`, as a solo worker inside a task cannot: its log says enough.
+        assert (
+            canary.wait_consuming(app, node, {"q"}, time.monotonic() + 60, lambda: None, log=lambda: log)
+            is False
+        )
+        with pytest.raises(canary.CanaryError, match="did not answer"):
+            canary.wait_consuming(
+                app, node, {"q"}, time.monotonic() + 3, lambda: None, log=lambda: f"{node} ready."
+            )
+    finally:
+        app.close()
+        os.environ.pop("CELERY_BROKER_URL")
+
+
 def test_the_canary_gives_up_at_once_on_a_unit_that_died(redis_server):
     asked = []
 
@@ -234,3 +264,30 @@ def test_the_canary_gives_up_at_once_on_a_unit_that_died(redis_server):
     finally:
         app.close()
         os.environ.pop("CELERY_BROKER_URL")
+
+
+def test_a_paused_queue_is_consumed_by_no_worker_until_resumed(redis_server, tmp_path):
+    from celery_fleet import pause  # noqa: PLC0415 -- beside its test
+
+    env = demo_env(redis_server)
+    node = f"w.a@{tmp_path.name}"
+    worker = start_demo_worker(env, node, "cpu,io", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    os.environ.update({k: v for k, v in env.items() if k.startswith("CELERY_")})
+    app = Celery("pause-test")
+    try:
+        canary.wait_consuming(app, node, {"cpu", "io"}, time.monotonic() + 60, lambda: None)
+        assert pause.pause(app, {"io"}, time.monotonic() + 30) == {"paused": ["io"]}
+        assert pause.paused_queues() == ["io"]
+        assert pause.consuming(app, {"cpu", "io"}) == {node: ["cpu"]}
+        # Only units configured for the queue take it back: this one is, as instance w on its host.
+        resumed = pause.resume(app, {"io"}, {"io": {f"w@{tmp_path.name}"}}, time.monotonic() + 30)
+        assert resumed == {"resumed": ["io"], "consumers": [node]}
+        assert pause.paused_queues() == []
+        assert pause.consuming(app, {"cpu", "io"}) == {node: ["cpu", "io"]}
+    finally:
+        app.close()
+        worker.terminate()
+        worker.wait(timeout=60)
+        for k in env:
+            if k.startswith("CELERY_"):
+                os.environ.pop(k, None)

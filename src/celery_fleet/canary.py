@@ -4,6 +4,9 @@
 old unit is retired only once this exits 0 for its replacement. It runs from the new unit's own
 release, with the environment files the unit reads, so it imports the app the worker imports.
 
+A worker that cannot answer because a real task keeps it busy (a solo pool, as GPU units use,
+with a backlog) passes on its own log: it started consuming and took that task.
+
 ``--retire`` instead tells an old unit, once its replacement serves, to stop taking tasks and to
 start the ones it holds; the rollout stops it right after.
 
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -27,10 +31,13 @@ from collections.abc import Callable
 from typing import Any
 
 from celery_fleet.app_report import one_line
+from celery_fleet.pause import paused_queues
 from celery_fleet.status import load_env
 
 UNIT = "celery-worker@{}.service"
 ROUND_TRIP_TASK = "celery.accumulate"
+# Celery's log line for a message it took (INFO): proof that it consumes and knows the task.
+RECEIVED = re.compile(r"Task [\w.:-]+\[[0-9a-f-]{36}\] received")
 
 
 class CanaryError(Exception):
@@ -61,8 +68,44 @@ def unit_watch(unit: str) -> Callable[[], None]:
     return check
 
 
-def wait_consuming(app: Any, node: str, queues: set[str], deadline: float, alive: Callable[[], None]) -> None:
-    """Until ``node`` answers and consumes every queue in ``queues``; ``alive`` fails fast if it died."""
+def unit_log(unit: str) -> str:
+    """What the slot unit's current run has logged so far."""
+    invocation = subprocess.run(
+        ["systemctl", "show", "--property=InvocationID", "--value", UNIT.format(unit)],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    if not invocation:
+        return ""
+    return subprocess.run(
+        ["journalctl", f"_SYSTEMD_INVOCATION_ID={invocation}", "--output=cat", "--no-pager"],
+        check=False,
+        capture_output=True,
+        text=True,
+    ).stdout
+
+
+def busy_with_a_task(log: str, node: str) -> bool:
+    """Whether the worker's log says it started consuming and took a real task: a solo pool (or a
+    prefork pool with every process busy) may not answer remote control while a task runs."""
+    return f"{node} ready." in log and bool(RECEIVED.search(log))
+
+
+def wait_consuming(
+    app: Any,
+    node: str,
+    queues: set[str],
+    deadline: float,
+    alive: Callable[[], None],
+    *,
+    log: Callable[[], str] = str,
+) -> bool:
+    """Until ``node`` answers and consumes every queue in ``queues``; ``alive`` fails fast if it died.
+
+    True once it answered; False when it did not answer but its ``log`` shows it consuming and busy
+    with a real task, which proves as much.
+    """
     seen: set[str] | None = None
     while time.monotonic() < deadline:
         alive()
@@ -70,7 +113,9 @@ def wait_consuming(app: Any, node: str, queues: set[str], deadline: float, alive
         if node in replies:
             seen = {q["name"] for q in replies[node]}
             if queues <= seen:
-                return
+                return True
+        elif busy_with_a_task(log(), node):
+            return False
         time.sleep(0.5)
     if seen is None:
         raise CanaryError(f"{node} did not answer")
@@ -99,7 +144,8 @@ def round_trip(app: Any, node: str, deadline: float) -> None:
             raise CanaryError(f"{node} did not take the canary queue ({reply})")
         without_backend = isinstance(app.backend, DisabledBackend)
         before = accepted(app, node) if without_backend else 0
-        result = app.send_task(ROUND_TRIP_TASK, args=[token], queue=name)
+        # Stored even where the app ignores results by default.
+        result = app.send_task(ROUND_TRIP_TASK, args=[token], queue=name, ignore_result=False)
         if without_backend:
             while accepted(app, node) <= before:
                 if time.monotonic() > deadline:
@@ -161,12 +207,18 @@ def main(argv: list[str] | None = None) -> int:
             raise CanaryError(f"the app {args.app} does not import: {one_line(exc)}") from exc
         try:
             queues = set(filter(None, args.queues.split(",")))
+            answered = False
             if args.retire:
                 retire(app, node, queues, deadline)
             else:
-                wait_consuming(app, node, queues, deadline, unit_watch(args.unit))
+                log = lambda: unit_log(args.unit)  # noqa: E731 -- one line, read each poll
+                answered = wait_consuming(app, node, queues, deadline, unit_watch(args.unit), log=log)
+                # A queue paused fleet-wide (playbooks/pause.yml) stays paused on the new worker too.
+                for queue in sorted(set(paused_queues()) & queues):
+                    app.control.cancel_consumer(queue, destination=[node], reply=answered, timeout=5.0)
             ready = time.monotonic() - started
-            if args.round_trip and not args.retire:
+            # A worker too busy with a real task to answer has made that task's round trip itself.
+            if args.round_trip and answered:
                 round_trip(app, node, deadline)
         finally:
             app.close()

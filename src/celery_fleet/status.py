@@ -23,6 +23,7 @@ from celery_fleet.app_report import one_line
 from celery_fleet.beat_guard import DEFAULT_STATE_FILE, read_deadline
 from celery_fleet.beat_scan import embedded_beats
 from celery_fleet.envfile import read_env_file
+from celery_fleet.pause import paused_queues
 
 UNIT_PATTERNS = ("celery-worker@*.service", "celery-beat.service", "flower.service")
 WORKER_PREFIX = "celery-worker@"
@@ -178,6 +179,7 @@ def collect(timeout: float, drained_mark: str) -> dict[str, Any]:
         "host": hostname,
         "units": summarize(units, hostname, queues, stats, beat_leads, releases=releases),
         "drained": os.path.exists(drained_mark),
+        "paused": paused_queues(),
         "embedded_beats": embedded_beats(),
     }
 

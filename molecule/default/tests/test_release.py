@@ -6,7 +6,8 @@ seconds-long ones, and `processing` (one unit, two processes) one long task that
 rollout. Each task appends its id, queue, start time and release to demo:records.
 
 The tests run in order and share the fleet's state: v2 rolls out over the converged v1, the
-rollback returns to v1, then the broken v3 is refused at the canary with v1 still serving.
+rollback returns to v1, then the broken v3 is refused at the canary with v1 still serving, a drain
+that would orphan every queue is refused, and a paused queue keeps its task until it is resumed.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from fleet_testing import FLEET_ENV, PATHS, ROOT, fleet_json, journal, playbook
+from fleet_testing import FLEET_ENV, PATHS, ROOT, fleet_json, journal, playbook, redis_cli
 from test_preflight_catalogue import HOST, inventory
 
 QUEUES = ["high_priority", "datasets", "processing", "training", "extraction", "low_priority"]
@@ -202,3 +203,36 @@ def test_a_drain_that_would_leave_a_queue_without_a_consumer_is_refused(host, tm
     assert "-e drain_force=true" in output
     assert not host.file(f"{PATHS['config_dir']}/drained").exists
     assert worker_releases(host) == before
+
+
+def test_a_paused_queue_keeps_its_tasks_until_it_is_resumed(host, tmp_path):
+    (tmp_path / "hosts.yml").write_text(yaml.safe_dump(inventory(host.hostvars)))
+    queues = {"queues": "low_priority"}
+    pause = playbook("playbooks/pause.yml", tmp_path / "hosts.yml", extra_vars=queues)
+    assert pause.returncode == 0, (pause.stdout + pause.stderr)[-3000:]
+    python = f"{PATHS['releases']}/{current_release(host)}/bin/python"
+    send = "from demo_app.tasks import record; print(record.apply_async(args=[0], queue='low_priority').id)"
+    sent = host.check_output(f"sh -c '{FLEET_ENV}; {python} -c \"{send}\"'")
+    try:
+        # Several broker polls later, the task still waits in its queue.
+        time.sleep(4 * BROKER_POLL)
+        assert redis_cli(host, host.hostvars, "llen", "low_priority").stdout.strip() == "1"
+        shown = playbook("playbooks/status.yml", tmp_path / "hosts.yml")
+        assert "Paused queues (playbooks/pause.yml): low_priority" in shown.stdout, shown.stdout[-3000:]
+        verify = playbook("playbooks/verify.yml", tmp_path / "hosts.yml")
+        assert verify.returncode == 0, (verify.stdout + verify.stderr)[-3000:]
+    finally:
+        resume = playbook("playbooks/resume.yml", tmp_path / "hosts.yml", extra_vars=queues)
+    assert resume.returncode == 0, (resume.stdout + resume.stderr)[-3000:]
+    for _ in range(30):
+        if sent in redis_cli(host, host.hostvars, "lrange", "demo:records", "-20", "-1").stdout:
+            break
+        time.sleep(1)
+    else:
+        pytest.fail(f"the task sent to the paused queue never ran after resume.yml ({sent})")
+    low = [
+        u
+        for u in status(host)["units"]
+        if u["unit"].startswith("celery-worker@low.") and u["active"] == "active"
+    ]
+    assert [u["queues"] for u in low] == [["low_priority"]], low

@@ -688,13 +688,18 @@ def slot_instance(unit: str) -> str | None:
 
 
 def celery_worker_verify(
-    rows: list[dict[str, Any]], instances: list[dict[str, Any]], host: str, drained: bool = False
+    rows: list[dict[str, Any]],
+    instances: list[dict[str, Any]],
+    host: str,
+    drained: bool = False,
+    paused: list[str] | None = None,
 ) -> list[str]:
     """Problems between ``celery-fleet-status`` rows of a host and the instances of its plan.
 
     Each instance has exactly one serving slot, which answers and consumes exactly its queues; a slot
     that drains (deactivating) after a rollout is expected, and finishes on its own. On a host that
-    playbooks/drain.yml drained, no slot serves.
+    playbooks/drain.yml drained, no slot serves. A queue paused fleet-wide (playbooks/pause.yml) is
+    consumed by no unit.
     """
     if drained:
         return [
@@ -703,7 +708,8 @@ def celery_worker_verify(
             for row in rows
             if slot_instance(row["unit"]) and row.get("active") == "active"
         ]
-    expected = {i["instance"]: sorted(i["queues"]) for i in instances}
+    held = set(paused or [])
+    expected = {i["instance"]: sorted(set(i["queues"]) - held) for i in instances}
     slots: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
         name = slot_instance(row["unit"])
@@ -730,6 +736,12 @@ def celery_worker_verify(
             errors.append(
                 f"{host}: {serving[0]['unit']} is active but its worker does not answer. Fix: see "
                 f"`journalctl -u {serving[0]['unit']}`."
+            )
+        elif held & set(serving[0].get("queues") or []):
+            errors.append(
+                f"{host}: {serving[0]['unit']} consumes "
+                f"{', '.join(sorted(held & set(serving[0]['queues'])))}, which is paused (it restarted since "
+                "the pause). Fix: run playbooks/pause.yml for it again, or playbooks/resume.yml."
             )
         elif serving[0].get("queues") != queues:
             errors.append(

@@ -74,7 +74,15 @@ changed_instances:
   type: list
   elements: str
 removed_units:
-  description: Slots (instance.slot) whose files were removed and that still run; the caller stops them.
+  description: Slots (instance.slot) no longer in the inventory that still run; the caller stops them.
+  type: list
+  elements: str
+leftovers:
+  description: The files of C(removed_units), kept so they stop with their limits; the caller removes them.
+  type: list
+  elements: str
+deferred:
+  description: Instances whose other slot still drains an earlier rollout; they keep their settings this run.
   type: list
   elements: str
 retire:
@@ -176,6 +184,34 @@ class Layout:
         ]
 
 
+def decide(
+    lay: Layout, name: str, files: dict[str, Any], states: dict[str, str], drained: bool
+) -> tuple[str, dict[str, Any] | None, bool]:
+    """One instance's slot to serve from, what the caller does with it, and whether it waits this run."""
+    slots = [f"{name}.{s}" for s in SLOTS]
+    serving = [s for s in slots if states.get(s) in SERVING]
+    enabled = [s for s in slots if lay.enabled(s)]
+    # The live slot: the serving one (the enabled one, if both serve), else the enabled one, else the
+    # first. A run that died after enabling a new slot but before starting it still has the old one live.
+    live = ([s for s in serving if s in enabled] or serving or enabled or slots)[0]
+    spare = slots[1 - slots.index(live)]
+    if drained:
+        # playbooks/drain.yml stopped the host: settings still land, nothing starts or is enabled.
+        return live, None, False
+    if lay.written(live, files["env"], files["dropin"]):
+        return live, None if live in serving else {"mode": "start", "old": None}, False
+    if live not in serving:
+        return live, {"mode": "start", "old": None}, False
+    if states.get(spare) in BUSY:
+        # The other slot still drains an earlier rollout: the live one serves on, unchanged, until a
+        # later run can hand over without a gap.
+        return live, None, True
+    if files.get("handoff", "overlap") == "overlap":
+        return spare, {"mode": "handoff", "old": live}, False
+    # No room in the memory budget to overlap: a restart in place, one unit at a time.
+    return live, {"mode": "restart", "old": None}, False
+
+
 def plan(params: dict[str, Any], states: dict[str, str]) -> dict[str, Any]:
     """What to write, link, unlink and remove, and the rollout ``actions``, from the files and ``states``."""
     lay = Layout(params)
@@ -186,50 +222,43 @@ def plan(params: dict[str, Any], states: dict[str, str]) -> dict[str, Any]:
     changed: set[str] = set()
     keep: set[str] = set()
     retire: list[str] = []
+    deferred: list[str] = []
+    drained = params["drained"]
     for name, files in sorted(params["instances"].items()):
         slots = [f"{name}.{s}" for s in SLOTS]
-        serving = [s for s in slots if states.get(s) in SERVING]
-        enabled = [s for s in slots if lay.enabled(s)]
-        # The live slot: the enabled one (the serving one of two), else the serving one, else the first.
-        live = next((s for s in enabled if s in serving), None) or (enabled or serving or slots)[0]
-        spare = slots[1 - slots.index(live)]
-        env, dropin = files["env"], files["dropin"]
-        target, action = live, None
-        if params["drained"]:
-            # playbooks/drain.yml stopped the host: settings still land, nothing starts or is enabled.
-            pass
-        elif not lay.written(live, env, dropin):
-            if live not in serving:
-                action = {"mode": "start", "old": None}
-            elif files.get("handoff", "overlap") == "overlap" and states.get(spare) not in BUSY:
-                target, action = spare, {"mode": "handoff", "old": live}
-            else:
-                # No room to overlap, or the other slot still drains an earlier rollout.
-                action = {"mode": "restart", "old": None}
-        elif live not in serving:
-            action = {"mode": "start", "old": None}
-        if not lay.written(target, env, dropin):
+        target, action, wait = decide(lay, name, files, states, drained)
+        if wait:
+            deferred.append(name)
+            keep.update(slots)
+            continue
+        if not lay.written(target, files["env"], files["dropin"]):
             writes += [
                 (path, content, mode, _read(path))
-                for (path, mode), content in zip(lay.files(target), (env, dropin), strict=True)
+                for (path, mode), content in zip(
+                    lay.files(target), (files["env"], files["dropin"]), strict=True
+                )
             ]
             changed.add(name)
         for slot in slots:
-            if slot == target and not lay.enabled(slot) and not params["drained"]:
+            if slot == target and not drained and not lay.enabled(slot):
                 links.append(lay.link(slot))
                 changed.add(name)
-            elif (slot != target or params["drained"]) and lay.enabled(slot):
+            elif (slot != target or drained) and lay.enabled(slot):
                 unlinks.append(lay.link(slot))
                 changed.add(name)
         if action:
             actions.append({"instance": name, "unit": target, **action})
         # A serving slot that is not the live one (an interrupted rollout) drains too.
         old = action["old"] if action else None
-        retire += [s for s in serving if s not in (target, old) and not params["drained"]]
+        retire += [s for s in slots if states.get(s) in SERVING and s not in (target, old) and not drained]
         # A slot that still runs keeps its files until it has stopped: systemd reads them while it drains.
         keep.update(s for s in slots if s == target or states.get(s) in BUSY)
-    removals = sorted((p, slot) for p, slot in lay.found() if slot not in keep and p not in unlinks)
-    removed = sorted({slot for _, slot in removals})
+    gone = [(p, slot) for p, slot in lay.found() if slot not in keep and p not in unlinks]
+    removals = [(p, slot) for p, slot in sorted(gone) if states.get(slot) not in BUSY]
+    # A unit that still runs (gone from the inventory, or a unit from before slots) is disabled now but
+    # keeps its drop-in and environment until it has stopped: its TimeoutStopSec and limits come from them.
+    running = [p for p, slot in sorted(gone) if states.get(slot) in BUSY]
+    unlinks += [p for p in running if p.parent == lay.wants]
     return {
         "writes": writes,
         "links": [(link, lay.template) for link in links],
@@ -237,8 +266,10 @@ def plan(params: dict[str, Any], states: dict[str, str]) -> dict[str, Any]:
         "removals": removals,
         "actions": actions,
         "changed_instances": sorted(changed),
-        "removed_units": [s for s in removed if states.get(s) in BUSY],
+        "removed_units": sorted({slot for _, slot in gone if states.get(slot) in BUSY}),
+        "leftovers": [str(p) for p in running if p.parent != lay.wants],
         "retire": retire,
+        "deferred": deferred,
     }
 
 
@@ -295,7 +326,9 @@ def main() -> None:
         actions=todo["actions"],
         changed_instances=todo["changed_instances"],
         removed_units=todo["removed_units"],
+        leftovers=todo["leftovers"],
         retire=todo["retire"],
+        deferred=todo["deferred"],
         diff=diff,
     )
 

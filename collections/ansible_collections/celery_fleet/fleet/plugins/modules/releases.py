@@ -15,9 +15,10 @@ module: releases
 short_description: The app releases installed on a host, which processes run from them, and pruning
 description:
   - A release is a virtualenv under O(releases_dir), named by its wheelhouse digest and complete once
-    its C(.celery-fleet-installed) marker exists. Its C(.celery-fleet-activated) marker is touched each
-    time the C(venv) link is pointed at it; releases are ordered by that time (else the install time),
-    newest first, so the one after the current is the release the fleet ran before.
+    its C(.celery-fleet-installed) marker exists. Its C(.celery-fleet-served) marker is touched (O(served))
+    each time a deploy or rollback of it passed verify. Releases are ordered by when they last served,
+    then those that never did by install time, newest first; the first served one other than the
+    current is what C(playbooks/rollback.yml) returns to, never a release that failed.
   - With O(keep), removes every release beyond the newest O(keep) (counting O(current)) and every
     incomplete one, except a release that a running process starts from (its path is in the process's
     command line, as every fleet unit starts from its release directory). Wheelhouses other than
@@ -37,6 +38,9 @@ options:
     description: How many complete releases to keep, O(current) included; 0 lists and removes nothing.
     type: int
     default: 0
+  served:
+    description: Record that this release serves the fleet now, unless it already is the last that served.
+    type: str
   proc:
     description: The proc file system to read command lines from.
     type: path
@@ -46,8 +50,8 @@ options:
 RETURN = r"""
 releases:
   description: >-
-    Every complete release left, most recently activated first - C(name), C(used) (when it last became
-    current, else when it was installed; UTC, ISO 8601), C(in_use).
+    Every complete release left, in that order - C(name), C(installed), C(served) (when it last served,
+    or null; UTC, ISO 8601) and C(in_use).
   type: list
   elements: dict
 removed:
@@ -57,7 +61,7 @@ removed:
 """
 
 MARKER = ".celery-fleet-installed"
-ACTIVATED = ".celery-fleet-activated"
+SERVED = ".celery-fleet-served"
 
 
 def in_use(releases_dir: Path, proc: Path) -> set[str]:
@@ -85,12 +89,25 @@ def survey(releases_dir: Path, proc: Path) -> list[dict[str, Any]]:
     for path in releases_dir.iterdir() if releases_dir.is_dir() else []:
         if not path.is_dir() or path.is_symlink():
             continue
-        marker, activated = path / MARKER, path / ACTIVATED
-        used_at = None
-        if marker.exists():
-            used_at = max(marker.stat().st_mtime, activated.stat().st_mtime if activated.exists() else 0)
-        found.append({"name": path.name, "path": path, "mtime": used_at, "in_use": path.name in used})
-    return sorted(found, key=lambda r: (r["mtime"] is not None, r["mtime"] or 0, r["name"]), reverse=True)
+        marker, served = path / MARKER, path / SERVED
+        found.append(
+            {
+                "name": path.name,
+                "path": path,
+                "mtime": marker.stat().st_mtime if marker.exists() else None,
+                "served": served.stat().st_mtime if served.exists() else None,
+                "in_use": path.name in used,
+            }
+        )
+    return sorted(
+        found,
+        key=lambda r: (r["mtime"] is not None, r["served"] is not None, r["served"] or 0, r["mtime"] or 0),
+        reverse=True,
+    )
+
+
+def iso(stamp: float | None) -> str | None:
+    return None if stamp is None else datetime.fromtimestamp(stamp, UTC).isoformat(timespec="seconds")
 
 
 def prune(found: list[dict[str, Any]], current: str | None, keep: int) -> list[dict[str, Any]]:
@@ -108,6 +125,7 @@ def main() -> None:
             "current": {"type": "str"},
             "keep": {"type": "int", "default": 0},
             "proc": {"type": "path", "default": "/proc"},
+            "served": {"type": "str"},
         },
         supports_check_mode=True,
     )
@@ -116,6 +134,16 @@ def main() -> None:
     if keep < 0:
         module.fail_json(msg=f"releases: keep={keep} must be 0 (list only) or more")
     found = survey(releases_dir, Path(params["proc"]))
+    served = params["served"]
+    last = next((r for r in found if r["served"] is not None), None)
+    marked = bool(served) and (last is None or last["name"] != served)
+    if marked:
+        target = releases_dir / served / SERVED
+        if not (releases_dir / served / MARKER).exists():
+            module.fail_json(msg=f"releases: {served} is not an installed release under {releases_dir}")
+        if not module.check_mode:
+            target.touch()
+        found = survey(releases_dir, Path(params["proc"]))
     doomed = prune(found, current, keep) if keep else []
     paths = [r["path"] for r in doomed]
     if keep and params["wheelhouse_dir"] and Path(params["wheelhouse_dir"]).is_dir():
@@ -126,12 +154,13 @@ def main() -> None:
             shutil.rmtree(path)
     left = [r for r in found if r not in doomed and r["mtime"] is not None]
     module.exit_json(
-        changed=bool(paths),
+        changed=bool(paths) or marked,
         removed=[str(p) for p in paths],
         releases=[
             {
                 "name": r["name"],
-                "used": datetime.fromtimestamp(r["mtime"], UTC).isoformat(timespec="seconds"),
+                "installed": iso(r["mtime"]),
+                "served": iso(r["served"]),
                 "in_use": r["in_use"],
             }
             for r in left
