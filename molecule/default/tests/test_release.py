@@ -211,8 +211,11 @@ def test_a_paused_queue_keeps_its_tasks_until_it_is_resumed(host, tmp_path):
     pause = playbook("playbooks/pause.yml", tmp_path / "hosts.yml", extra_vars=queues)
     assert pause.returncode == 0, (pause.stdout + pause.stderr)[-3000:]
     python = f"{PATHS['releases']}/{current_release(host)}/bin/python"
-    send = "from demo_app.tasks import record; print(record.apply_async(args=[0], queue='low_priority').id)"
-    sent = host.check_output(f"sh -c '{FLEET_ENV}; {python} -c \"{send}\"'")
+    send = (
+        "import sys; from demo_app.tasks import record; "
+        "print(record.apply_async(args=[0], queue=sys.argv[1]).id)"
+    )
+    sent = host.check_output(f"sh -c '{FLEET_ENV}; {python} -c \"{send}\" low_priority'")
     try:
         # Several broker polls later, the task still waits in its queue.
         time.sleep(4 * BROKER_POLL)
