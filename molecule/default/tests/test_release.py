@@ -6,8 +6,9 @@ seconds-long ones, and `processing` (one unit, two processes) one long task that
 rollout. Each task appends its id, queue, start time and release to demo:records.
 
 The tests run in order and share the fleet's state: v2 rolls out over the converged v1, the
-rollback returns to v1, then the broken v3 is refused at the canary with v1 still serving, a drain
-that would orphan every queue is refused, and a paused queue keeps its task until it is resumed.
+rollback returns to v1, a drain that would orphan every queue is refused, a paused queue keeps its
+task until it is resumed, a forced drain holds until undrain, and last the broken v3 is refused at
+the canary with v1 still serving.
 """
 
 from __future__ import annotations
@@ -166,31 +167,6 @@ def test_rollback_returns_to_the_previous_release_the_same_way(host, tmp_path, h
     assert {p.name: p.stat().st_mtime for p in cache.glob("*.tar.gz")} == archives
 
 
-def test_a_broken_release_stops_at_the_canary_and_the_old_keeps_serving(host, tmp_path, releases, history):
-    assert history, "needs the releases before"
-    before = worker_releases(host)
-    (tmp_path / "hosts.yml").write_text(yaml.safe_dump(inventory(host.hostvars)))
-    run = playbook(
-        "site.yml",
-        tmp_path / "hosts.yml",
-        extra_vars={"celery_app_sources": [str(releases["v3"])], "celery_app_keep_releases": 2},
-    )
-    output = " ".join((run.stdout + run.stderr).split())
-    assert run.returncode != 0
-    assert f"{HOST}: the rollout stopped at the canary: celery-fleet-canary:" in output, output[-3000:]
-    assert "still serve on their release" in output and "Fix:" in output
-    # The same units still serve, on the same release, and a task goes through every queue.
-    assert worker_releases(host) == before
-    demo = fleet_json(
-        host,
-        f"sh -c '{FLEET_ENV}; {PATHS['releases']}/{history['v1']}/bin/python -m demo_app.demo --timeout 60'",
-    )
-    assert all("error" not in r for results in demo.values() for r in results), demo
-    # Two releases kept: the broken one just installed and v1, which was current before; v2 is gone.
-    left = host.check_output(f"ls {PATHS['releases']}").split()
-    assert history["v2"] not in left and history["v1"] in left and len(left) == 2, left
-
-
 def test_a_drain_that_would_leave_a_queue_without_a_consumer_is_refused(host, tmp_path):
     (tmp_path / "hosts.yml").write_text(yaml.safe_dump(inventory(host.hostvars)))
     before = worker_releases(host)
@@ -239,3 +215,53 @@ def test_a_paused_queue_keeps_its_tasks_until_it_is_resumed(host, tmp_path):
         if u["unit"].startswith("celery-worker@low.") and u["active"] == "active"
     ]
     assert [u["queues"] for u in low] == [["low_priority"]], low
+
+
+def test_a_forced_drain_stops_the_workers_until_undrain_and_the_deploy_keeps_it(host, tmp_path):
+    (tmp_path / "hosts.yml").write_text(yaml.safe_dump(inventory(host.hostvars)))
+    serving = sorted(worker_releases(host))
+    assert serving, "no worker serves before the drain"
+    force = {"drain_force": True}
+    drain = playbook("playbooks/drain.yml", tmp_path / "hosts.yml", extra_vars=force, limit=HOST)
+    assert drain.returncode == 0, (drain.stdout + drain.stderr)[-3000:]
+    try:
+        assert worker_releases(host) == {}
+        assert host.file(f"{PATHS['config_dir']}/drained").exists
+        assert not host.run("ls /etc/systemd/system/celery.target.wants/ | grep celery-worker@").stdout
+        # The workers play (what site.yml runs for them) keeps the host drained, and says so.
+        workers = playbook("playbooks/workers.yml", tmp_path / "hosts.yml")
+        output = " ".join((workers.stdout + workers.stderr).split())
+        assert workers.returncode == 0, output[-3000:]
+        assert f"{HOST} is drained" in output and f"playbooks/undrain.yml -l {HOST}" in output, output[-3000:]
+        assert worker_releases(host) == {}
+    finally:
+        undrain = playbook("playbooks/undrain.yml", tmp_path / "hosts.yml", limit=HOST)
+    assert undrain.returncode == 0, (undrain.stdout + undrain.stderr)[-3000:]
+    assert not host.file(f"{PATHS['config_dir']}/drained").exists
+    assert len(worker_releases(host)) == len(serving)
+
+
+# Last: after it the `venv` link names the broken release until a rollback or a fixed deploy.
+def test_a_broken_release_stops_at_the_canary_and_the_old_keeps_serving(host, tmp_path, releases, history):
+    assert history, "needs the releases before"
+    before = worker_releases(host)
+    (tmp_path / "hosts.yml").write_text(yaml.safe_dump(inventory(host.hostvars)))
+    run = playbook(
+        "site.yml",
+        tmp_path / "hosts.yml",
+        extra_vars={"celery_app_sources": [str(releases["v3"])], "celery_app_keep_releases": 2},
+    )
+    output = " ".join((run.stdout + run.stderr).split())
+    assert run.returncode != 0
+    assert f"{HOST}: the rollout stopped at the canary: celery-fleet-canary:" in output, output[-3000:]
+    assert "still serve on their release" in output and "Fix:" in output
+    # The same units still serve, on the same release, and a task goes through every queue.
+    assert worker_releases(host) == before
+    demo = fleet_json(
+        host,
+        f"sh -c '{FLEET_ENV}; {PATHS['releases']}/{history['v1']}/bin/python -m demo_app.demo --timeout 60'",
+    )
+    assert all("error" not in r for results in demo.values() for r in results), demo
+    # Two releases kept: the broken one just installed and v1, which was current before; v2 is gone.
+    left = host.check_output(f"ls {PATHS['releases']}").split()
+    assert history["v2"] not in left and history["v1"] in left and len(left) == 2, left
