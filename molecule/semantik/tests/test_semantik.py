@@ -24,13 +24,13 @@ def test_the_seed_tasks_round_trip_through_the_default_queue(host):
     for result in results["celery"]:
         assert "error" not in result, result
         assert result["task"] == "semantik.test_task"
-        assert result["worker"] == f"embedding@{result['hostname']}"
+        assert result["worker"] == f"embedding.a@{result['hostname']}"
 
 
 def test_the_worker_runs_the_seed_pool_settings(host):
     stats = on_host(host, "print(json.dumps(app.control.inspect(timeout=10).stats()))")
     [(node, worker)] = stats.items()
-    assert node.startswith("embedding@")
+    assert node.startswith("embedding.a@")
     assert worker["pool"]["max-concurrency"] == 1
     assert worker["pool"]["max-tasks-per-child"] == 100
     # prefetch_multiplier 1 with one process: one task reserved at a time.
@@ -46,7 +46,7 @@ r = app.send_task("demo_app.tasks.gpu_probe",
 print(json.dumps(r.get(timeout=60)))
 """,
     )
-    assert probe["worker"].startswith("embedding@")
+    assert probe["worker"].startswith("embedding.a@")
     assert probe["cuda_visible_devices"] == "0"
     assert probe["cuda_device_order"] == "PCI_BUS_ID"
     # ENXIO: the open reached the (absent) driver; EPERM: the device policy refused it.
