@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -198,14 +200,28 @@ def test_releases_beyond_the_newest_n_go_unless_a_process_runs_from_them(tmp_pat
     ]
 
 
-def test_the_canary_waits_for_the_queues_and_sends_a_task_through_the_new_worker(redis_server, tmp_path):
+@contextmanager
+def demo_worker(redis_server, node: str) -> Iterator[Celery]:
+    """A real demo worker consuming cpu and io as ``node``, and a client app with the broker's environment."""
     env = demo_env(redis_server)
-    node = f"w.b@{tmp_path.name}"
     worker = start_demo_worker(env, node, "cpu,io", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     os.environ.update({k: v for k, v in env.items() if k.startswith("CELERY_")})
-    app = Celery("canary-test")
+    app = Celery("rollout-test")
     try:
         canary.wait_consuming(app, node, {"cpu", "io"}, time.monotonic() + 60, lambda: None)
+        yield app
+    finally:
+        app.close()
+        worker.terminate()
+        worker.wait(timeout=60)
+        for k in env:
+            if k.startswith("CELERY_"):
+                os.environ.pop(k, None)
+
+
+def test_the_canary_waits_for_the_queues_and_sends_a_task_through_the_new_worker(redis_server, tmp_path):
+    node = f"w.b@{tmp_path.name}"
+    with demo_worker(redis_server, node) as app:
         canary.round_trip(app, node, time.monotonic() + 30)
         # The private queue is gone again, and the worker consumes exactly what it did.
         replies = app.control.inspect(destination=[node], timeout=2).active_queues()
@@ -217,13 +233,6 @@ def test_the_canary_waits_for_the_queues_and_sends_a_task_through_the_new_worker
         canary.retire(app, node, {"cpu", "io"}, time.monotonic() + 30)
         replies = app.control.inspect(destination=[node], timeout=2).active_queues()
         assert replies[node] == []
-    finally:
-        app.close()
-        worker.terminate()
-        worker.wait(timeout=60)
-        for k in env:
-            if k.startswith("CELERY_"):
-                os.environ.pop(k, None)
 
 
 def test_a_worker_too_busy_to_answer_passes_on_its_log_of_a_real_task(redis_server):
@@ -269,13 +278,8 @@ def test_the_canary_gives_up_at_once_on_a_unit_that_died(redis_server):
 def test_a_paused_queue_is_consumed_by_no_worker_until_resumed(redis_server, tmp_path):
     from celery_fleet import pause  # noqa: PLC0415 -- beside its test
 
-    env = demo_env(redis_server)
     node = f"w.a@{tmp_path.name}"
-    worker = start_demo_worker(env, node, "cpu,io", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    os.environ.update({k: v for k, v in env.items() if k.startswith("CELERY_")})
-    app = Celery("pause-test")
-    try:
-        canary.wait_consuming(app, node, {"cpu", "io"}, time.monotonic() + 60, lambda: None)
+    with demo_worker(redis_server, node) as app:
         assert pause.pause(app, {"io"}, time.monotonic() + 30) == {"paused": ["io"]}
         assert pause.paused_queues() == ["io"]
         assert pause.consuming(app, {"cpu", "io"}) == {node: ["cpu"]}
@@ -284,10 +288,3 @@ def test_a_paused_queue_is_consumed_by_no_worker_until_resumed(redis_server, tmp
         assert resumed == {"resumed": ["io"], "consumers": [node]}
         assert pause.paused_queues() == []
         assert pause.consuming(app, {"cpu", "io"}) == {node: ["cpu", "io"]}
-    finally:
-        app.close()
-        worker.terminate()
-        worker.wait(timeout=60)
-        for k in env:
-            if k.startswith("CELERY_"):
-                os.environ.pop(k, None)
