@@ -7,8 +7,8 @@ import yaml
 from conftest import ROOT, load_plugin
 
 plugin = load_plugin("roles/celery_worker/filter_plugins/celery_workers.py")
-DEFAULTS = yaml.safe_load((ROOT / "roles/celery_worker/defaults/main.yml").read_text())[
-    "celery_worker_defaults"
+DEFAULTS = yaml.safe_load((ROOT / "roles/celery_worker/vars/main.yml").read_text())[
+    "_celery_worker_fields"
 ]
 GIB = 1024**3
 MIB = 1024**2
@@ -562,3 +562,36 @@ def test_verify_expects_a_paused_queue_to_be_consumed_by_no_unit():
     rows = [_row("high", queues=["high_priority"]), _row("low", queues=["a", "b"])]
     [problem] = plugin.celery_worker_verify(rows, VERIFY_INSTANCES, "h1", paused=["a"])
     assert problem.startswith("h1: celery-worker@low.a.service consumes a, which is paused"), problem
+
+
+# celery_worker_defaults: fleet-wide overrides of some fields
+
+
+def test_a_partial_override_changes_only_the_fields_it_names():
+    result = plugin.celery_worker_plan(
+        [{"name": "w", "queues": ["q"]}], DEFAULTS, HOST, {"loglevel": "WARNING", "replicas": 2}
+    )
+    assert result["errors"] == []
+    assert [i["instance"] for i in result["instances"]] == ["w-1", "w-2"]
+    assert {i["loglevel"] for i in result["instances"]} == {"WARNING"}
+    # Fields the override leaves out keep their own defaults.
+    assert {i["pool"] for i in result["instances"]} == {DEFAULTS["pool"]}
+
+
+def test_an_entry_field_wins_over_the_fleet_wide_override():
+    result = plugin.celery_worker_plan(
+        [{"name": "w", "queues": ["q"], "loglevel": "DEBUG"}], DEFAULTS, HOST, {"loglevel": "WARNING"}
+    )
+    assert [i["loglevel"] for i in result["instances"]] == ["DEBUG"]
+
+
+@pytest.mark.parametrize(
+    "overrides", [{"memmory_max": "1G"}, {"name": "shared"}, {"queues": ["q"]}, ["pool", "solo"], "solo"]
+)
+def test_an_override_outside_the_fields_is_refused(overrides):
+    [error] = plugin.celery_worker_plan([{"name": "w", "queues": ["q"]}], DEFAULTS, HOST, overrides)["errors"]
+    assert error.startswith("celery_worker_defaults ")
+    assert "Fix: correct celery_worker_defaults" in error
+    if isinstance(overrides, dict):
+        assert f"unknown fields {next(iter(overrides))}" in error
+        assert "memory_max" in error  # the accepted fields are listed

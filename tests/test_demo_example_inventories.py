@@ -12,8 +12,7 @@ from demo_app.profiles import PROFILES
 EXAMPLES = sorted(p.parent.relative_to(ROOT) for p in (ROOT / "inventories" / "examples").rglob("hosts.yml"))
 GROUPS = ("celery_broker", "celery_workers", "celery_beat", "celery_flower")
 WORKERS = load_plugin("roles/celery_worker/filter_plugins/celery_workers.py")
-ROLE_DEFAULTS = yaml.safe_load((ROOT / "roles/celery_worker/defaults/main.yml").read_text())
-DEFAULTS = ROLE_DEFAULTS["celery_worker_defaults"]
+DEFAULTS = yaml.safe_load((ROOT / "roles/celery_worker/vars/main.yml").read_text())["_celery_worker_fields"]
 SECRET = re.compile(r"^[A-Za-z0-9._~-]{16,}$")
 
 
@@ -27,7 +26,7 @@ def plan(inv: dict, host: str) -> dict:
         "gpus": [{"index": i, "uuid": f"GPU-{i}", "minor": i} for i in range(max(gpus, default=-1) + 1)],
         "app": hv.get("celery_fleet_app", "demo_app"),
     }
-    return WORKERS.celery_worker_plan(hv["celery_workers"], hv.get("celery_worker_defaults", DEFAULTS), facts)
+    return WORKERS.celery_worker_plan(hv["celery_workers"], DEFAULTS, facts, hv.get("celery_worker_defaults"))
 
 
 def test_every_example_is_found():

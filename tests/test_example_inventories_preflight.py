@@ -21,8 +21,8 @@ from conftest import ROOT, build_wheelhouse, inventory_list, load_plugin
 report_module = load_plugin("playbooks/library/celery_app_report.py")
 checks = load_plugin("playbooks/filter_plugins/fleet_checks.py")
 workers_plugin = load_plugin("roles/celery_worker/filter_plugins/celery_workers.py")
-DEFAULTS = yaml.safe_load((ROOT / "roles/celery_worker/defaults/main.yml").read_text())[
-    "celery_worker_defaults"
+DEFAULTS = yaml.safe_load((ROOT / "roles/celery_worker/vars/main.yml").read_text())[
+    "_celery_worker_fields"
 ]
 FLEET_APP = yaml.safe_load((ROOT / "roles/celery_fleet/defaults/main.yml").read_text())["celery_fleet_app"]
 EXAMPLES = sorted(p.parent for p in (ROOT / "inventories" / "examples").rglob("hosts.yml"))
@@ -96,16 +96,18 @@ def test_the_example_passes_preflight(example, wheelhouse, tmp_path):
     worker_hosts = inv["celery_workers"]["hosts"]
     fleet = []
     for host in worker_hosts:
-        defaults = hostvars[host].get("celery_worker_defaults", DEFAULTS)
         plan = workers_plugin.celery_worker_plan(
-            hostvars[host]["celery_workers"], defaults, plan_host(inv, host)
+            hostvars[host]["celery_workers"],
+            DEFAULTS,
+            plan_host(inv, host),
+            hostvars[host].get("celery_worker_defaults"),
         )
         assert plan["errors"] == [], (host, plan["errors"])
         # On the stand-in 24000 MiB, the GPU host's 4 x 5G units leave no room for a rollout's overlap:
         # preflight says so, and those units restart in place. Any other warning is a defect.
         others = [w for w in plan["warnings"] if "the memory budget has no room to run" not in w]
         assert others == [], (host, others)
-        fleet += [{**i, "host": host} for i in plan["instances"]]
+        fleet += [{**e, "host": host} for e in plan["entries"]]
     first = hostvars[worker_hosts[0]]
     env = first.get("celery_app_env", {})
     assert env.get("DEMO_PROFILE"), "the example names the demo app's profile for its seed"

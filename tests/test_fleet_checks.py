@@ -18,8 +18,8 @@ from celery_fleet import cli_report
 
 checks = load_plugin("playbooks/filter_plugins/fleet_checks.py")
 instances = load_plugin("roles/celery_worker/filter_plugins/celery_workers.py")
-DEFAULTS = yaml.safe_load((ROOT / "roles/celery_worker/defaults/main.yml").read_text())[
-    "celery_worker_defaults"
+DEFAULTS = yaml.safe_load((ROOT / "roles/celery_worker/vars/main.yml").read_text())[
+    "_celery_worker_fields"
 ]
 APP = "demo_app"
 
@@ -47,20 +47,20 @@ def app_report(tmp_path: Path | None = None, tweaks: str = "", module: str = "va
 
 
 def plan_of(host: str, entries: list[dict[str, Any]], app: str = APP) -> list[dict[str, Any]]:
-    """A host's worker instances as the preflight hands them over: its plan, each instance with its host."""
+    """A host's worker entries as the preflight hands them over: its plan, each entry with its host."""
     plan = instances.celery_worker_plan(entries, DEFAULTS, {"app": app})
     assert plan["errors"] == [], plan["errors"]
-    return [{**instance, "host": host} for instance in plan["instances"]]
+    return [{**entry, "host": host} for entry in plan["entries"]]
 
 
 def worker(host: str, name: str, queues: list[str], **fields: Any) -> dict[str, Any]:
-    """The one instance of a worker entry (``app`` among its fields picks the app it runs)."""
-    [instance] = plan_of(host, [{"name": name, "queues": queues, **fields}])
-    return instance
+    """One worker entry, parsed (``app`` among its fields picks the app it runs)."""
+    [entry] = plan_of(host, [{"name": name, "queues": queues, **fields}])
+    return entry
 
 
 def lab_fleet() -> list[dict[str, Any]]:
-    """Every worker instance of the lab inventory, which runs the demo app."""
+    """Every worker entry of the lab inventory, which runs the demo app."""
     fleet = []
     for path in sorted((ROOT / "inventories/lab/host_vars").glob("*/workers.yml")):
         fleet += plan_of(path.parent.name, yaml.safe_load(path.read_text())["celery_workers"])
@@ -100,12 +100,11 @@ def test_the_plugin_exposes_its_filters():
     }
 
 
-def test_plan_instances_carry_what_the_checks_read(demo):
-    [instance] = plan_of("w1", [{"name": "w", "queues": ["q"]}])
-    assert {"host", "instance", "name", "app", "queues", "prefetch_multiplier", "stop_timeout"} <= set(
-        instance
-    )
-    assert {"time_limit", "soft_time_limit", "memory_max", "extra_args", "env"} <= set(instance)
+def test_plan_entries_carry_what_the_checks_read(demo):
+    [entry] = plan_of("w1", [{"name": "w", "queues": ["q"], "replicas": 2}])
+    assert {"host", "units", "name", "app", "queues", "prefetch_multiplier", "stop_timeout"} <= set(entry)
+    assert {"time_limit", "soft_time_limit", "memory_max", "extra_args", "env"} <= set(entry)
+    assert entry["units"] == ["w-1", "w-2"]
 
 
 # Queue coverage
@@ -207,6 +206,34 @@ def test_coverage_merges_the_routes_of_every_app_of_the_fleet(demo, tmp_path):
     )
     fleet = [*lab_fleet(), worker("w9", "nightly", ["nightly"], app="nightly_app")]
     assert checks.celery_queue_coverage(reports, fleet) == {"errors": [], "warnings": []}
+
+
+def test_a_worker_whose_app_lacks_a_task_routed_to_its_queue_is_an_error(demo, tmp_path):
+    # A component app that registers one task only, sending to the training queue by default.
+    queue = queue_of(demo, ".train")
+    lean = app_report(
+        tmp_path,
+        f"""\
+        from celery import Celery
+
+        app = Celery("lean", task_default_queue={queue!r})
+
+
+        @app.task(name="demo_app.tasks.sleep")
+        def sleep() -> None:
+            pass
+        """,
+        module="lean_app",
+    )
+    assert list(lean["tasks"]) == ["demo_app.tasks.sleep"]
+    reports = {APP: demo, "lean_app": lean}
+    fleet = [*lab_fleet(), worker("w9", "lean", [queue], app="lean_app")]
+    [error] = checks.celery_queue_coverage(reports, fleet)["errors"]
+    assert_names_host_variable_and_fix(error, "w9", "celery_workers[lean]")
+    assert "demo_app.tasks.train" in error and "unregistered" in error
+    # The same app on a queue no task of another app is routed to is fine.
+    fleet = [*lab_fleet(), worker("w9", "lean", ["lean-only"], app="lean_app")]
+    assert checks.celery_queue_coverage(reports, fleet)["errors"] == []
 
 
 # Config doctor
@@ -332,13 +359,13 @@ def test_the_soft_time_limit_rule_lives_in_the_plan_not_the_doctor(demo):
     assert doctor(demo, [{**good, "soft_time_limit": 600}])["errors"] == []
 
 
-def test_instances_of_one_entry_are_reported_once(demo):
+def test_an_entry_of_many_units_is_reported_once(demo):
     fleet = plan_of(
         "gpu1",
         [{"name": "training", "queues": [queue_of(demo, ".train")], "stop_timeout": 1800, "replicas": 4}],
     )
     fleet = [{**w, "prefetch_multiplier": 4} for w in fleet]
-    assert [w["instance"] for w in fleet] == [f"training-{i}" for i in range(1, 5)]
+    assert [w["units"] for w in fleet] == [[f"training-{i}" for i in range(1, 5)]]
     assert len(doctor(demo, fleet)["warnings"]) == 1
 
 

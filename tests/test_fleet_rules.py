@@ -24,8 +24,8 @@ from celery_fleet import cli_report
 
 fleet_filters = load_plugin("collections/ansible_collections/celery_fleet/fleet/plugins/filter/fleet.py")
 workers_plugin = load_plugin("roles/celery_worker/filter_plugins/celery_workers.py")
-DEFAULTS = yaml.safe_load((ROOT / "roles/celery_worker/defaults/main.yml").read_text())[
-    "celery_worker_defaults"
+DEFAULTS = yaml.safe_load((ROOT / "roles/celery_worker/vars/main.yml").read_text())[
+    "_celery_worker_fields"
 ]
 
 # Size grammar -----------------------------------------------------------------------------------------

@@ -30,8 +30,8 @@ from celery_fleet import cli_report
 workers_plugin = load_plugin("roles/celery_worker/filter_plugins/celery_workers.py")
 checks = load_plugin("playbooks/filter_plugins/fleet_checks.py")
 fleet = load_plugin("collections/ansible_collections/celery_fleet/fleet/plugins/filter/fleet.py")
-DEFAULTS = yaml.safe_load((ROOT / "roles/celery_worker/defaults/main.yml").read_text())[
-    "celery_worker_defaults"
+DEFAULTS = yaml.safe_load((ROOT / "roles/celery_worker/vars/main.yml").read_text())[
+    "_celery_worker_fields"
 ]
 LAYERS = ("spec", "plan", "cli")
 ROLES = ("celery_worker", "celery_app", "celery_fleet", "celery_beat", "redis")
@@ -87,7 +87,7 @@ def worker_plan(case: Case) -> dict[str, Any]:
     v = case.variables
     host = {**HOST, "memory_overcommit": v.get("celery_worker_memory_overcommit", 1.0), **case.host}
     return workers_plugin.celery_worker_plan(
-        v.get("celery_workers", []), v.get("celery_worker_defaults", DEFAULTS), host
+        v.get("celery_workers", []), DEFAULTS, host, v.get("celery_worker_defaults")
     )
 
 

@@ -22,8 +22,7 @@ from celery_fleet import cli_report
 
 checks = load_plugin("playbooks/filter_plugins/fleet_checks.py")
 workers = load_plugin("roles/celery_worker/filter_plugins/celery_workers.py")
-ROLE_DEFAULTS = yaml.safe_load((ROOT / "roles/celery_worker/defaults/main.yml").read_text())
-DEFAULTS = ROLE_DEFAULTS["celery_worker_defaults"]
+DEFAULTS = yaml.safe_load((ROOT / "roles/celery_worker/vars/main.yml").read_text())["_celery_worker_fields"]
 WORKER_CASES = [(args, names) for command, args, names in CLICK_CASES if command == "worker"]
 OWNED = set(WORKER_BEAT) | set(WORKER_FIELDS)
 WHERE = "w1: celery_workers[low].extra_args"

@@ -38,8 +38,9 @@ options:
     required: true
   workers:
     description:
-      - Every worker instance of the fleet, each with C(host), C(instance), C(name), C(queues),
-        C(prefetch_multiplier), C(stop_timeout), C(time_limit), C(soft_time_limit), C(memory_max).
+      - Every worker entry of the fleet, as its host's plan parsed it (C(entries) of
+        C(celery_worker_plan)), each with C(host), C(name), C(app), C(queues), C(prefetch_multiplier),
+        C(stop_timeout), C(time_limit), C(soft_time_limit), C(memory_max).
     type: list
     elements: dict
     required: true
@@ -75,14 +76,6 @@ def _result(errors: list[str], warnings: list[str]) -> Result:
 def _few(names: list[str], shown: int = 3) -> str:
     more = f" and {len(names) - shown} more" if len(names) > shown else ""
     return ", ".join(names[:shown]) + more
-
-
-def _entries(workers: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One worker per (host, entry): the instances of an entry (replicas, GPUs) share its fields."""
-    seen: dict[tuple[str, str], dict[str, Any]] = {}
-    for worker in workers:
-        seen.setdefault((worker["host"], worker["name"]), worker)
-    return list(seen.values())
 
 
 def _longest(worker: dict[str, Any]) -> tuple[int, str]:
@@ -127,7 +120,7 @@ def celery_queue_coverage(reports: dict[str, dict[str, Any]], workers: list[dict
             [],
         )
     consumers: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for worker in _entries(workers):
+    for worker in workers:
         for queue in worker["queues"]:
             consumers[queue].append(worker)
     apps = ", ".join(sorted(reports))
@@ -151,6 +144,7 @@ def celery_queue_coverage(reports: dict[str, dict[str, Any]], workers: list[dict
             "(the app's task_routes)."
             for worker in consumers[queue]
         )
+    errors += _unregistered_errors(reports, tasks_by_queue, consumers)
     warnings.extend(
         f"fleet: the app's router needs real arguments to place task {task!r} ({error}), so its queue "
         "was not checked. Fix: make sure a celery_workers entry consumes every queue that router picks."
@@ -159,12 +153,35 @@ def celery_queue_coverage(reports: dict[str, dict[str, Any]], workers: list[dict
     return _result(errors, warnings)
 
 
+def _unregistered_errors(
+    reports: dict[str, dict[str, Any]],
+    tasks_by_queue: dict[str, list[str]],
+    consumers: dict[str, list[dict[str, Any]]],
+) -> list[str]:
+    """A worker whose app lacks a task routed to its queue discards that task ("unregistered task")."""
+    errors = []
+    for queue, workers in sorted(consumers.items()):
+        for worker in workers:
+            report = reports.get(worker.get("app", ""))
+            if report is None:
+                continue
+            missing = [task for task in tasks_by_queue.get(queue, []) if task not in (report.get("tasks") or {})]
+            if missing:
+                errors.append(
+                    f"{_where(worker)} consumes queue {queue!r} with app {worker['app']!r}, which does not "
+                    f"register {_few(missing)} routed there by another app of the fleet: the worker "
+                    "discards each such task as unregistered. Fix: remove the queue from that entry, or "
+                    "set its app to one that includes those tasks."
+                )
+    return errors
+
+
 def _visibility_errors(report: dict[str, Any], workers: list[dict[str, Any]]) -> list[str]:
     """Redis redelivers a task still running after the visibility timeout: it then runs twice."""
     config = report.get("config") or {}
     visibility = config.get("visibility_timeout") or KOMBU_VISIBILITY_TIMEOUT
     limits: list[tuple[int | float, str]] = []
-    for worker in _entries(workers):
+    for worker in workers:
         seconds, field = _longest(worker)
         limits.append((seconds, f"{_where(worker)}.{field} is {seconds} s"))
     app_limit = config.get("task_time_limit")
@@ -209,13 +226,12 @@ def _app_doctor(report: dict[str, Any], workers: list[dict[str, Any]]) -> tuple[
     routes = report.get("routes") or {}
     errors = _visibility_errors(report, workers)
     warnings = []
-    entries = _entries(workers)
     early: dict[str, list[str]] = defaultdict(list)
     for task, spec in sorted((report.get("tasks") or {}).items()):
         if not spec.get("acks_late") and task in routes:
             early[routes[task]].append(task)
     scope = "app-wide task_acks_late is off" if not config.get("task_acks_late") else "acks_late=False"
-    for worker in entries:
+    for worker in workers:
         seconds, field = _longest(worker)
         if seconds <= LONG_TASK_SECONDS:
             continue

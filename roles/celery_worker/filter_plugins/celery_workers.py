@@ -26,15 +26,15 @@ description:
     the host as a whole (unit names, shared GPUs, the memory budget).
   - Every value is parsed once; C(instances) hold the parsed values (sizes in bytes) ready to render.
     Preflight sets the result as a fact and every later step reads it.
-positional: _input, defaults, host
+positional: _input, fields, host, overrides
 options:
   _input:
     description: The host's C(celery_workers) list.
     type: list
     elements: dict
     required: true
-  defaults:
-    description: Values for fields an entry leaves out (C(celery_worker_defaults)).
+  fields:
+    description: Every field an entry may have and its default (C(_celery_worker_fields)).
     type: dict
     required: true
   host:
@@ -45,10 +45,14 @@ options:
         broker) and C(memory_overcommit) (how far the limits may add up past the RAM, 1.0 = not at all).
     type: dict
     required: false
+  overrides:
+    description: Fleet-wide defaults for some of the fields (C(celery_worker_defaults)); other keys are refused.
+    type: dict
+    required: false
 """
 
 EXAMPLES = r"""
-plan: "{{ celery_workers | celery_worker_plan(celery_worker_defaults, {'cpus': 8, 'memtotal_mb': 16000}) }}"
+plan: "{{ celery_workers | celery_worker_plan(_celery_worker_fields, {'cpus': 8}, celery_worker_defaults) }}"
 """
 
 RETURN = r"""
@@ -89,6 +93,8 @@ NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-_")
 QUEUE_BAD = re.compile(r"[,\s\x00-\x1f\x7f]")
 FIX = "Fix the entry in this host's celery_workers (group_vars or host_vars)."
 OVERCOMMIT_VAR = "celery_worker_memory_overcommit"
+DEFAULTS_VAR = "celery_worker_defaults"
+DEFAULTS_FIX = f"Fix: correct {DEFAULTS_VAR} in group_vars/host_vars; name only the fields to change."
 
 
 def parse_cpus(value: Any) -> list[int] | None:
@@ -638,18 +644,33 @@ def _overcommit_errors(host: dict[str, Any]) -> list[str]:
     ]
 
 
+def _override_errors(fields: dict[str, Any], overrides: Any) -> list[str]:
+    if not isinstance(overrides, dict):
+        return [f"{DEFAULTS_VAR} must map entry fields to their defaults. {DEFAULTS_FIX}"]
+    unknown = sorted(set(overrides) - set(fields))
+    if not unknown:
+        return []
+    return [
+        f"{DEFAULTS_VAR} has unknown fields {', '.join(map(str, unknown))}; the fields are "
+        f"{', '.join(sorted(fields))}. {DEFAULTS_FIX}"
+    ]
+
+
 def celery_worker_plan(
-    workers: Any, defaults: dict[str, Any], host: dict[str, Any] | None = None
+    workers: Any,
+    fields: dict[str, Any],
+    host: dict[str, Any] | None = None,
+    overrides: Any = None,
 ) -> dict[str, list[Any]]:
     """The host's worker plan: ``errors``, ``warnings``, ``instances`` and ``entries``, from one parse."""
     host = host or {}
+    overrides = {} if overrides is None else overrides
+    errors = _override_errors(fields, overrides)
     if not isinstance(workers, list):
-        return {
-            "errors": [f"celery_workers must be a list of worker entries. {FIX}"],
-            "warnings": [],
-            "instances": [],
-            "entries": [],
-        }
+        errors.append(f"celery_workers must be a list of worker entries. {FIX}")
+    if errors:
+        return {"errors": errors, "warnings": [], "instances": [], "entries": []}
+    defaults = {**fields, **overrides}
     seen: set[str] = set()
     entries = [parse_entry(i, entry, defaults, host, seen) for i, entry in enumerate(workers)]
     errors = [error for e in entries for error in e.errors] + _overcommit_errors(host)
