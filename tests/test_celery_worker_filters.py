@@ -7,9 +7,7 @@ import yaml
 from conftest import ROOT, load_plugin
 
 plugin = load_plugin("roles/celery_worker/filter_plugins/celery_workers.py")
-DEFAULTS = yaml.safe_load((ROOT / "roles/celery_worker/vars/main.yml").read_text())[
-    "_celery_worker_fields"
-]
+DEFAULTS = yaml.safe_load((ROOT / "roles/celery_worker/vars/main.yml").read_text())["_celery_worker_fields"]
 GIB = 1024**3
 MIB = 1024**2
 HOST = {

@@ -21,9 +21,7 @@ from conftest import ROOT, build_wheelhouse, inventory_list, load_plugin
 report_module = load_plugin("playbooks/library/celery_app_report.py")
 checks = load_plugin("playbooks/filter_plugins/fleet_checks.py")
 workers_plugin = load_plugin("roles/celery_worker/filter_plugins/celery_workers.py")
-DEFAULTS = yaml.safe_load((ROOT / "roles/celery_worker/vars/main.yml").read_text())[
-    "_celery_worker_fields"
-]
+DEFAULTS = yaml.safe_load((ROOT / "roles/celery_worker/vars/main.yml").read_text())["_celery_worker_fields"]
 FLEET_APP = yaml.safe_load((ROOT / "roles/celery_fleet/defaults/main.yml").read_text())["celery_fleet_app"]
 EXAMPLES = sorted(p.parent for p in (ROOT / "inventories" / "examples").rglob("hosts.yml"))
 

@@ -18,9 +18,7 @@ from celery_fleet import cli_report
 
 checks = load_plugin("playbooks/filter_plugins/fleet_checks.py")
 instances = load_plugin("roles/celery_worker/filter_plugins/celery_workers.py")
-DEFAULTS = yaml.safe_load((ROOT / "roles/celery_worker/vars/main.yml").read_text())[
-    "_celery_worker_fields"
-]
+DEFAULTS = yaml.safe_load((ROOT / "roles/celery_worker/vars/main.yml").read_text())["_celery_worker_fields"]
 APP = "demo_app"
 
 

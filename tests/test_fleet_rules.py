@@ -24,9 +24,7 @@ from celery_fleet import cli_report
 
 fleet_filters = load_plugin("collections/ansible_collections/celery_fleet/fleet/plugins/filter/fleet.py")
 workers_plugin = load_plugin("roles/celery_worker/filter_plugins/celery_workers.py")
-DEFAULTS = yaml.safe_load((ROOT / "roles/celery_worker/vars/main.yml").read_text())[
-    "_celery_worker_fields"
-]
+DEFAULTS = yaml.safe_load((ROOT / "roles/celery_worker/vars/main.yml").read_text())["_celery_worker_fields"]
 
 # Size grammar -----------------------------------------------------------------------------------------
 
@@ -159,6 +157,70 @@ def test_the_worker_plan_reads_sizes_with_the_same_grammar():
             [{"name": "w", "queues": ["q"], "memory_max": text}], DEFAULTS, host
         )
         assert any(f"memory_max {text!r} is not a size" in e for e in plan["errors"]), (text, plan["errors"])
+
+
+# Ports and broker passwords ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("port", [1, 80, 6379, 65535, "1", "6379", "65535", "08080"])
+def test_a_tcp_port_is_a_number_from_1_to_65535(port):
+    assert fleet_filters.port_errors(port, "redis_port", "Fix.") == []
+
+
+@pytest.mark.parametrize(
+    "port",
+    [
+        0,
+        -1,
+        65536,
+        10**6,
+        "0",
+        "65536",
+        "",
+        " 80",
+        "80 ",
+        "80\n",
+        "+80",
+        "-80",
+        "8_0",
+        "80.0",
+        80.0,
+        "0x50",
+        "\uff18\uff10",
+        "\u0668\u0660",
+        True,
+        False,
+        None,
+        [80],
+        {"port": 80},
+    ],
+)
+def test_anything_else_is_refused_with_the_variable_and_the_forms(port):
+    [error] = fleet_filters.port_errors(port, "redis_port", "Fix it.")
+    assert error == f"redis_port {port!r} is not a TCP port (1-65535). Fix it."
+
+
+URL_SAFE = set(string.ascii_letters + string.digits + "._~-")
+
+
+def test_every_url_safe_character_makes_a_password():
+    for char in sorted(URL_SAFE):
+        assert fleet_filters.password_errors(char * 16, "redis_password", "Fix.") == [], char
+
+
+@pytest.mark.parametrize("char", sorted(set(map(chr, range(0x100))) - URL_SAFE))
+def test_any_other_character_is_refused_and_the_password_never_shown(char):
+    password = "a" * 16 + char
+    [error] = fleet_filters.password_errors(password, "redis_password", "Fix.")
+    assert error.startswith("redis_password is empty, a placeholder or not URL-safe")
+    assert password not in error
+
+
+@pytest.mark.parametrize(
+    "password", ["", "a" * 15, "changeme", "password", None, 1234567890123456789, ["a" * 16]]
+)
+def test_a_short_or_non_string_password_is_refused(password):
+    assert len(fleet_filters.password_errors(password, "redis_password", "Fix.")) == 1
 
 
 # systemd quoting ----------------------------------------------------------------------------------------

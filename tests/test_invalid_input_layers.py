@@ -30,9 +30,7 @@ from celery_fleet import cli_report
 workers_plugin = load_plugin("roles/celery_worker/filter_plugins/celery_workers.py")
 checks = load_plugin("playbooks/filter_plugins/fleet_checks.py")
 fleet = load_plugin("collections/ansible_collections/celery_fleet/fleet/plugins/filter/fleet.py")
-DEFAULTS = yaml.safe_load((ROOT / "roles/celery_worker/vars/main.yml").read_text())[
-    "_celery_worker_fields"
-]
+DEFAULTS = yaml.safe_load((ROOT / "roles/celery_worker/vars/main.yml").read_text())["_celery_worker_fields"]
 LAYERS = ("spec", "plan", "cli")
 ROLES = ("celery_worker", "celery_app", "celery_fleet", "celery_beat", "redis")
 SPECS = {

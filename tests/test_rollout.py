@@ -17,9 +17,7 @@ from conftest import ROOT, demo_env, load_plugin, run_ansible_module, start_demo
 from celery_fleet import canary, status
 
 plugin = load_plugin("roles/celery_worker/filter_plugins/celery_workers.py")
-DEFAULTS = yaml.safe_load((ROOT / "roles/celery_worker/vars/main.yml").read_text())[
-    "_celery_worker_fields"
-]
+DEFAULTS = yaml.safe_load((ROOT / "roles/celery_worker/vars/main.yml").read_text())["_celery_worker_fields"]
 RELEASES = ROOT / "collections/ansible_collections/celery_fleet/fleet/plugins/modules/releases.py"
 MIB = 1024**2
 

@@ -15,16 +15,24 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 
 
+ROLE_VARS = yaml.safe_load((ROOT / "roles" / "celery_fleet" / "vars" / "main.yml").read_text())
+
+
 def fleet_paths() -> dict[str, str]:
     """The fleet's paths on a host, from their one source: roles/celery_fleet (its defaults and vars)."""
-    role = ROOT / "roles" / "celery_fleet"
-    defaults = yaml.safe_load((role / "defaults" / "main.yml").read_text())
-    paths = yaml.safe_load((role / "vars" / "main.yml").read_text())["_celery_fleet_paths"]
-    return {key: jinja2.Template(value).render(defaults) for key, value in paths.items()}
+    defaults = yaml.safe_load((ROOT / "roles" / "celery_fleet" / "defaults" / "main.yml").read_text())
+    return {
+        key: jinja2.Template(value).render(defaults)
+        for key, value in ROLE_VARS["_celery_fleet_paths"].items()
+    }
 
 
 PATHS = fleet_paths()
 VENV = PATHS["venv"]
+# The status probe as the playbooks run it (roles/celery_fleet/vars: _celery_fleet_status).
+STATUS = " ".join(
+    jinja2.Template(ROLE_VARS["_celery_fleet_status"]).render(_celery_fleet_paths=PATHS).split()
+)
 # Load the same environment files the units get, without putting a secret on a command line.
 FLEET_ENV = f"set -a; . {PATHS['app_env']}; . {PATHS['broker_env']}; set +a; cd /tmp"
 

@@ -165,7 +165,9 @@ def _unregistered_errors(
             report = reports.get(worker.get("app", ""))
             if report is None:
                 continue
-            missing = [task for task in tasks_by_queue.get(queue, []) if task not in (report.get("tasks") or {})]
+            missing = [
+                task for task in tasks_by_queue.get(queue, []) if task not in (report.get("tasks") or {})
+            ]
             if missing:
                 errors.append(
                     f"{_where(worker)} consumes queue {queue!r} with app {worker['app']!r}, which does not "

@@ -14,9 +14,10 @@ import os
 from pathlib import Path
 from typing import Any
 
+from celery_fleet.cli_report import celery_context
+
 # click's BoolParamType reads these as true.
 TRUE = frozenset({"1", "true", "t", "yes", "y", "on"})
-AUTO_ENVVAR_PREFIX = "CELERY"
 
 
 def worker_args(argv: list[str]) -> list[str] | None:
@@ -31,10 +32,9 @@ def worker_args(argv: list[str]) -> list[str] | None:
 def beat_source(args: list[str], env: dict[str, str]) -> str | None:
     """How ``celery worker <args>`` run with ``env`` turns beat on, as the installed click reads it."""
     import click  # noqa: PLC0415 -- only where a worker runs
-    from celery.bin.celery import celery  # noqa: PLC0415
 
-    command = celery.commands["worker"]
-    parent = click.Context(celery, info_name="celery", auto_envvar_prefix=AUTO_ENVVAR_PREFIX)
+    parent = celery_context()
+    command = parent.command.commands["worker"]
     ctx = click.Context(command, parent=parent, info_name="worker", resilient_parsing=True)
     try:
         opts, _, _ = command.make_parser(ctx).parse_args(args=list(args))

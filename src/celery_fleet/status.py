@@ -29,9 +29,6 @@ UNIT_PATTERNS = ("celery-worker@*.service", "celery-beat.service", "flower.servi
 WORKER_PREFIX = "celery-worker@"
 
 
-DEFAULT_ENV_FILES = ("/etc/celery-fleet/celery.env", "/etc/celery-fleet/broker.env")
-
-
 def list_units() -> list[dict[str, str]]:
     """Return the fleet's loaded units on this host with their states."""
     out = subprocess.run(
@@ -152,7 +149,7 @@ def fleet_nodes(timeout: float) -> dict[str, list[str]]:
     return {node: sorted(q["name"] for q in queues) for node, queues in sorted(replies.items())}
 
 
-def collect(timeout: float, drained_mark: str) -> dict[str, Any]:
+def collect(timeout: float, drained_mark: str | None) -> dict[str, Any]:
     """This host's fleet units, each worker's own answer, whether this host's beat leads, and whether
     playbooks/drain.yml drained it (``drained_mark`` exists)."""
     hostname = socket.gethostname()
@@ -178,7 +175,7 @@ def collect(timeout: float, drained_mark: str) -> dict[str, Any]:
     return {
         "host": hostname,
         "units": summarize(units, hostname, queues, stats, beat_leads, releases=releases),
-        "drained": os.path.exists(drained_mark),
+        "drained": bool(drained_mark) and os.path.exists(drained_mark),
         "paused": paused_queues(),
         "embedded_beats": embedded_beats(),
     }
@@ -189,8 +186,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--env-file",
         action="append",
-        help="environment file the units use (repeatable); default: the fleet's own",
+        required=True,
+        help="environment file the units use (repeatable); the playbooks pass the fleet's own",
     )
+    parser.add_argument("--drained-mark", help="the file that says playbooks/drain.yml holds this host")
     parser.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for workers to answer")
     parser.add_argument(
         "--fleet",
@@ -198,12 +197,11 @@ def main(argv: list[str] | None = None) -> int:
         help="list every worker the broker reaches, on any host, with its queues (not this host's units)",
     )
     args = parser.parse_args(argv)
-    env_files = args.env_file or list(DEFAULT_ENV_FILES)
-    # The drain mark lives beside the environment files, in the fleet's configuration directory.
-    drained_mark = os.path.join(os.path.dirname(env_files[0]), "drained")
     try:
-        load_env(env_files)
-        report = {"nodes": fleet_nodes(args.timeout)} if args.fleet else collect(args.timeout, drained_mark)
+        load_env(args.env_file)
+        report = (
+            {"nodes": fleet_nodes(args.timeout)} if args.fleet else collect(args.timeout, args.drained_mark)
+        )
     except Exception as exc:  # an unreadable env file, no systemctl, a broker that refuses us
         # One line for verify.yml to quote, not a traceback.
         sys.stderr.write(f"celery-fleet-status: {one_line(exc)}\n")

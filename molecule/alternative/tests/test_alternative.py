@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from fleet_testing import VENV, exposure, fleet_json, instance_of, journal, on_host, show, worker_unit
+from fleet_testing import STATUS, exposure, fleet_json, instance_of, journal, on_host, show, worker_unit
 
 # What molecule.yml's worker list expands to.
 UNITS = {
@@ -19,7 +19,7 @@ GPU_UNITS = {"gpu-1": 0, "gpu-2": 1}
 
 
 def test_the_units_on_the_host_are_exactly_the_expanded_inventory(host):
-    status = fleet_json(host, f"{VENV}/bin/celery-fleet-status")
+    status = fleet_json(host, STATUS)
     workers = {instance_of(u["node"]): u for u in status["units"] if u["node"] and u["active"] == "active"}
     assert set(workers) == set(UNITS)
     for name, unit in workers.items():

@@ -6,6 +6,8 @@ import time
 
 import pytest
 from fleet_testing import (
+    PATHS,
+    STATUS,
     VENV,
     exposure,
     fleet_json,
@@ -17,8 +19,8 @@ from fleet_testing import (
 )
 
 SECRET_FILES = {
-    "/etc/celery-fleet/broker.env": ("root", "root"),
-    "/etc/celery-fleet/flower.env": ("root", "root"),
+    PATHS["broker_env"]: ("root", "root"),
+    PATHS["flower_env"]: ("root", "root"),
     "/etc/redis/redis.conf": ("root", "redis"),
 }
 
@@ -50,7 +52,7 @@ def test_redis_listens_on_loopback_only(host):
 
 def test_each_worker_is_active_and_consumes_exactly_its_queues(host, hostvars):
     expected = {w["name"]: sorted(w["queues"]) for w in hostvars["celery_workers"]}
-    status = fleet_json(host, f"{VENV}/bin/celery-fleet-status")
+    status = fleet_json(host, STATUS)
     workers = {instance_of(u["node"]): u for u in status["units"] if u["node"] and u["active"] == "active"}
     assert set(workers) == set(expected), "the units on the host differ from the inventory"
     for name, unit in workers.items():

@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import yaml
-from fleet_testing import PATHS, VENV, fleet_json, journal, playbook, snapshot, worker_unit
+from fleet_testing import PATHS, STATUS, VENV, fleet_json, journal, playbook, snapshot, worker_unit
 
 HOST = "celery-fleet-default"
 TWIN = "celery-fleet-twin"
@@ -674,7 +674,7 @@ def test_verify_catches_a_worker_started_by_hand(host, hostvars, tmp_path, flags
     assert started.rc == 0, started.stderr
     try:
         for _ in range(30):
-            if node in fleet_json(host, f"{VENV}/bin/celery-fleet-status --fleet")["nodes"]:
+            if node in fleet_json(host, f"{STATUS} --fleet")["nodes"]:
                 break
             time.sleep(2)
         else:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from fleet_testing import FLEET_ENV, PATHS, ROOT, fleet_json, journal, playbook, redis_cli
+from fleet_testing import FLEET_ENV, PATHS, ROOT, STATUS, fleet_json, journal, playbook, redis_cli
 from test_preflight_catalogue import HOST, inventory
 
 QUEUES = ["high_priority", "datasets", "processing", "training", "extraction", "low_priority"]
@@ -37,7 +37,7 @@ LOAD_UNIT = "celery-fleet-test-load"
 
 
 def status(host) -> dict:
-    return fleet_json(host, f"{PATHS['venv']}/bin/celery-fleet-status")
+    return fleet_json(host, STATUS)
 
 
 def worker_releases(host) -> dict[str, str]:

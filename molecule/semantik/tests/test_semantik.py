@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from fleet_testing import VENV, fleet_json, http_status, journal, on_host, redis_cli, show
+from fleet_testing import STATUS, VENV, fleet_json, http_status, journal, on_host, redis_cli, show
 
 # A fresh deploy starts every instance in its slot a.
 WORKER = "celery-worker@embedding.a.service"
 
 
 def test_the_one_embedding_worker_consumes_the_default_queue(host):
-    status = fleet_json(host, f"{VENV}/bin/celery-fleet-status")
+    status = fleet_json(host, STATUS)
     workers = {u["unit"]: u for u in status["units"] if u["node"]}
     assert set(workers) == {WORKER}
     assert workers[WORKER]["active"] == "active", journal(host, WORKER)

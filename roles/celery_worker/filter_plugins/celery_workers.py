@@ -46,7 +46,7 @@ options:
     type: dict
     required: false
   overrides:
-    description: Fleet-wide defaults for some of the fields (C(celery_worker_defaults)); other keys are refused.
+    description: Fleet-wide defaults for some fields (C(celery_worker_defaults)); other keys are refused.
     type: dict
     required: false
 """

@@ -13,6 +13,7 @@ from ansible_collections.celery_fleet.fleet.plugins.module_utils.ownership impor
 )
 from ansible_collections.celery_fleet.fleet.plugins.module_utils.sizes import parse_size, size_error
 from ansible_collections.celery_fleet.fleet.plugins.module_utils.systemd import env_assignment, exec_command
+from ansible_collections.celery_fleet.fleet.plugins.module_utils.values import password_error, port_error
 
 DOCUMENTATION = r"""
 name: systemd_exec
@@ -26,6 +27,9 @@ description:
   - C(size_errors(where, fix)) is [] for a size, else the message showing the accepted forms.
   - C(app_errors(where, fix)) is [] for what C(celery --app) takes, else the message.
   - C(loglevel_errors(where, fix)) is [] for a log level Celery takes, else the message.
+  - C(port_errors(where, fix)) is [] for a TCP port (1-65535), else the message.
+  - C(password_errors(where, fix)) is [] for a broker password (16+ URL-safe characters, no
+    placeholder), else the message; the value itself never appears in it.
   - C(env_errors(where, fix)) lists the problems of an environment mapping, among them the names the
     fleet owns (C(CELERY_*), C(FLOWER_*), the GPU pinning).
 positional: _input
@@ -76,6 +80,16 @@ def loglevel_errors(value: Any, where: str, fix: str) -> list[str]:
     return [f"{where} {value!r} is not one of {', '.join(LOGLEVELS)}. {fix}"]
 
 
+def port_errors(value: Any, where: str, fix: str) -> list[str]:
+    error = port_error(where, value, fix)
+    return [error] if error else []
+
+
+def password_errors(value: Any, where: str, fix: str) -> list[str]:
+    error = password_error(where, value, fix)
+    return [error] if error else []
+
+
 def env_errors(env: Any, where: str, fix: str) -> list[str]:
     if not isinstance(env, dict) or not all(isinstance(k, str) and ENV_NAME.fullmatch(k) for k in env):
         return [f"{where} must map environment variable names to values. {fix}"]
@@ -99,4 +113,6 @@ class FilterModule:
             "env_errors": env_errors,
             "app_errors": app_errors,
             "loglevel_errors": loglevel_errors,
+            "port_errors": port_errors,
+            "password_errors": password_errors,
         }
