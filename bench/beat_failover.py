@@ -123,6 +123,7 @@ def summarize(
     results: dict[str, list[dict[str, float]]],
     windows: list[tuple[float, float]],
     times: list[float],
+    refused: int,
 ) -> dict[str, object]:
     """Failover figures, and duplicate and missing tick slots over the run."""
     slots = [math.floor(t / TICK_SECONDS) for t in times]
@@ -137,6 +138,10 @@ def summarize(
         "ttl_s": args.ttl,
         "renew_s": args.renew,
         "tick_s": TICK_SECONDS,
+        # Beat publishes through the broker fence (celery_fleet.beat_fence): a send is enqueued only while
+        # the lease holds its holder's token. Sends the broker refused over the run:
+        "fence": "broker+deadline",
+        "fenced_refusals": refused,
         "failovers": len(results["hard_kill"]) + len(results["clean_stop"]),
         "hard_kill_lease_s_max": round(max(r["lease_s"] for r in results["hard_kill"]), 2),
         "hard_kill_first_tick_s_max": round(max(r["first_tick_s"] for r in results["hard_kill"]), 2),
@@ -199,9 +204,10 @@ def main() -> int:
             os.killpg(worker.pid, signal.SIGTERM)
             worker.wait(timeout=30)
             times = [t for t in tick_times(client) if started <= t <= finished]
+            refused = sum((c.dir / "log").read_text(errors="replace").count("FENCED") for c in candidates)
             server.stop()
 
-    line = summarize(args, results, windows, times)
+    line = summarize(args, results, windows, times, refused)
     out = ROOT / "bench" / "results" / "beat_failover.jsonl"
     with out.open("a") as f:
         f.write(json.dumps(line) + "\n")

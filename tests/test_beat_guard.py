@@ -30,7 +30,7 @@ from celery import Celery, beat
 from conftest import free_port
 from kombu.utils.imports import symbol_by_name
 
-from celery_fleet import beat_guard
+from celery_fleet import beat_fence, beat_guard, beat_lease
 
 SRC = Path(__file__).resolve().parent.parent / "src"
 KEY = beat_guard.DEFAULT_LOCK_KEY
@@ -41,7 +41,7 @@ LOSS_BOUND = 3.0
 
 CHILD = """\
 import os, signal, sys, time
-from celery_fleet.beat_guard import lease_is_valid
+from celery_fleet.beat_fence import heartbeat, lease_is_valid
 
 def write(line):
     with open(sys.argv[1], "a", encoding="utf-8") as f:
@@ -50,6 +50,7 @@ def write(line):
 signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
 write(f"start {os.getpid()} {time.monotonic()!r}")
 while True:
+    heartbeat()
     if lease_is_valid():
         write(f"tick {os.getpid()} {time.monotonic()!r}")
     time.sleep(0.2)
@@ -441,6 +442,8 @@ def test_missing_broker_url_exits_2_and_a_url_is_never_printed_with_its_password
 class RecordingScheduler(beat.Scheduler):
     """An inner scheduler that records what it would send instead of sending it."""
 
+    producer = None  # never connects: nothing is sent
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.sent: list[str] = []
@@ -452,24 +455,24 @@ class RecordingScheduler(beat.Scheduler):
 
 def test_lease_scheduler_sends_only_before_the_deadline(tmp_path, monkeypatch, caplog):
     lease = tmp_path / "lease"
-    monkeypatch.setenv(beat_guard.INNER_SCHEDULER_ENV, f"{__name__}:RecordingScheduler")
-    monkeypatch.setenv(beat_guard.LEASE_FILE_ENV, str(lease))
-    fenced = symbol_by_name(beat_guard.SCHEDULER_PATH)  # what `celery beat --scheduler` does
+    monkeypatch.setenv(beat_fence.INNER_SCHEDULER_ENV, f"{__name__}:RecordingScheduler")
+    monkeypatch.setenv(beat_fence.LEASE_FILE_ENV, str(lease))
+    fenced = symbol_by_name(beat_fence.SCHEDULER_PATH)  # what `celery beat --scheduler` does
     assert issubclass(fenced, RecordingScheduler)
 
     app = Celery("fence-test", set_as_current=False)
     scheduler = fenced(app=app, lazy=True)
     entry = beat.ScheduleEntry(name="every-second", task="demo.tick", schedule=timedelta(seconds=1), app=app)
 
-    beat_guard.write_deadline(lease, time.monotonic() + 5)
+    beat_fence.write_stamp(lease, time.monotonic() + 5)
     assert scheduler.apply_async(entry) == "every-second"
     assert scheduler.sent == ["every-second"]
 
     for refused in ("past", "zero", "missing", "garbage"):
         if refused == "past":
-            beat_guard.write_deadline(lease, time.monotonic() - 0.001)
+            beat_fence.write_stamp(lease, time.monotonic() - 0.001)
         elif refused == "zero":
-            beat_guard.write_deadline(lease, 0.0)
+            beat_fence.write_stamp(lease, 0.0)
         elif refused == "missing":
             lease.unlink()
         else:
@@ -482,9 +485,9 @@ def test_lease_scheduler_sends_only_before_the_deadline(tmp_path, monkeypatch, c
 
 
 def test_lease_scheduler_wraps_the_persistent_scheduler_by_default(monkeypatch):
-    monkeypatch.setenv(beat_guard.INNER_SCHEDULER_ENV, "")
-    assert issubclass(beat_guard.lease_scheduler_class(""), beat.PersistentScheduler)
-    assert issubclass(symbol_by_name(beat_guard.SCHEDULER_PATH), beat.PersistentScheduler)
+    monkeypatch.setenv(beat_fence.INNER_SCHEDULER_ENV, "")
+    assert issubclass(beat_fence.lease_scheduler_class(""), beat.PersistentScheduler)
+    assert issubclass(symbol_by_name(beat_fence.SCHEDULER_PATH), beat.PersistentScheduler)
 
 
 def test_a_hanging_renewal_is_cut_off_at_the_deadline(tmp_path):
@@ -498,15 +501,240 @@ def test_a_hanging_renewal_is_cut_off_at_the_deadline(tmp_path):
         def lock(self, *args: Any, **kwargs: Any) -> HangingLock:
             return HangingLock()
 
-    settings = beat_guard.Settings("redis://", KEY, TTL, RENEW, POLL, tmp_path / "lease", "", ("beat",))
-    supervisor = beat_guard.Supervisor(settings, HangingClient())  # type: ignore[arg-type]
-    previous = signal.signal(signal.SIGALRM, supervisor._on_alarm)
+    lease = beat_lease.Lease(HangingClient(), KEY, TTL, RENEW, margin=1.0)  # type: ignore[arg-type]
+    previous = signal.getsignal(signal.SIGALRM)
+    lease.install_alarm()
     try:
-        supervisor.deadline = time.monotonic() + 0.3
+        lease.deadline = time.monotonic() + 0.3
         started = time.monotonic()
-        with pytest.raises(beat_guard._LeaseLost, match="deadline passed while waiting for Redis"):
-            supervisor._renew()
+        with pytest.raises(beat_lease.LeaseLost, match="deadline passed while waiting for Redis"):
+            lease.renew_if_due()
         assert time.monotonic() - started < 5  # not the 30 s the call would have taken
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+
+
+# The holder token, the run_id re-check, a stuck beat ---------------------------------------------------
+
+
+def test_each_acquisition_gets_a_unique_token():
+    tokens = {beat_lease.new_token() for _ in range(100)}
+    assert len(tokens) == 100  # same host, pid and second: the random id still tells them apart
+    assert all(re.fullmatch(r"host=\S+ pid=\d+ since=\S+ id=[0-9a-f]{32}", t) for t in tokens)
+
+
+class SwappableServer(redis.Redis):
+    """A client whose server reports a new run_id once ``swapped`` is set: a Redis restart."""
+
+    swapped = False
+
+    def info(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        answer = super().info(*args, **kwargs)
+        return {**answer, "run_id": "0" * 40} if self.swapped else answer
+
+
+def test_a_lease_won_from_a_server_that_changed_meanwhile_is_given_back(redis_server):
+    client = SwappableServer.from_url(redis_server.url, socket_timeout=5)
+    lease = beat_lease.Lease(client, KEY, ttl=TTL, renew_interval=RENEW, margin=1.0)
+    assert wait_until(lease.may_try, TTL + 2)  # a server up for less than a TTL is waited out first
+    client.swapped = True  # the server changes between the check and the acquire
+    assert lease.acquire() is False
+    assert redis_server.client().exists(KEY) == 0  # handed back at once
+    assert lease.token == "" and lease.deadline == 0.0
+    assert lease.may_try() is False  # and the new server is waited out like any restart
+
+
+STUCK_CHILD = """\
+import os, signal, sys, time
+from celery_fleet.beat_fence import heartbeat
+
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+with open(sys.argv[1], "a", encoding="utf-8") as f:
+    f.write(f"start {os.getpid()} {time.monotonic()!r}\\n")
+end = time.monotonic() + float(sys.argv[2])
+while time.monotonic() < end:  # ticks for a while, longer than the stuck timeout
+    heartbeat()
+    time.sleep(0.2)
+while True:  # then hangs: alive, but never ticks again
+    time.sleep(1)
+"""
+
+
+def test_a_beat_that_stops_ticking_is_restarted_then_the_lease_given_up(redis_server, fleet):
+    script = fleet.dir / "stuck_beat.py"
+    script.write_text(STUCK_CHILD)
+    stuck = 2.0
+    client = redis_server.client()
+    guard = fleet.start(
+        "a",
+        redis_server.url,
+        f"--stuck-timeout={stuck}",
+        command=[sys.executable, str(script), str(fleet.out), "3"],
+    )
+    first = wait_for_leader(client, guard)
+    # Ticking for 3 s, longer than the stuck timeout, is not stuck.
+    assert holds_for(lambda: guard.children() == [first], 2.5)
+    starts = lambda: [pid for kind, pid, _ in fleet.events() if kind == "start"]  # noqa: E731
+    # Then each beat hangs: restarted three times, then the supervisor exits and hands the lease over.
+    bound = beat_guard.MAX_STUCK_RESTARTS * (3 + stuck + 2) + 10
+    assert guard.proc.wait(timeout=bound) == 1, guard.stderr()
+    assert len(set(starts())) == beat_guard.MAX_STUCK_RESTARTS + 1
+    assert client.exists(KEY) == 0
+    assert not any(alive(pid) for pid in starts())
+    for n in range(1, beat_guard.MAX_STUCK_RESTARTS + 1):
+        assert f"restarting it ({n} of {beat_guard.MAX_STUCK_RESTARTS})" in guard.stderr()
+    assert "stuck again after 3 restarts: releasing the lease and exiting" in guard.stderr()
+
+
+@pytest.mark.parametrize("stuck", ["0", "1.9", "nan", "inf"])
+def test_a_stuck_timeout_too_short_to_start_beat_is_refused(monkeypatch, capsys, stuck):
+    monkeypatch.setenv("CELERY_BROKER_URL", "redis://:pw@127.0.0.1:1/0")
+    with pytest.raises(SystemExit) as exited:
+        beat_guard.main([f"--stuck-timeout={stuck}", "--", "celery", "beat"])
+    assert exited.value.code == 2
+    assert "--stuck-timeout must be at least 2 seconds" in capsys.readouterr().err
+
+
+def test_beat_sleeps_at_most_a_quarter_of_the_stuck_timeout_and_ticks_into_the_heartbeat(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setenv(beat_fence.INNER_SCHEDULER_ENV, f"{__name__}:RecordingScheduler")
+    monkeypatch.setenv(beat_fence.MAX_INTERVAL_ENV, "15")
+    monkeypatch.setenv(beat_fence.HEARTBEAT_FILE_ENV, str(tmp_path / "heartbeat"))
+    app = Celery("fence-test", set_as_current=False)
+    scheduler = symbol_by_name(beat_fence.SCHEDULER_PATH)(app=app, lazy=True)
+    assert scheduler.max_interval == 15  # Celery's own default is 300 s
+    before = time.monotonic()
+    assert scheduler.tick() <= 15
+    assert before <= beat_fence.read_stamp(tmp_path / "heartbeat") <= time.monotonic()
+
+
+# The broker fence: a message is enqueued only while the lease holds this holder's token ----------------
+
+QUEUE = "fenced-test"
+
+
+def fenced_connection(url: str, monkeypatch, token: str) -> Any:
+    from kombu import Connection  # noqa: PLC0415
+
+    monkeypatch.setenv(beat_fence.LEASE_KEY_ENV, KEY)
+    monkeypatch.setenv(beat_fence.LEASE_TOKEN_ENV, token)
+    return Connection(url, transport=beat_fence.transport_class())
+
+
+def publish(connection: Any, body: str = "tick") -> None:
+    from kombu import Exchange, Queue  # noqa: PLC0415
+
+    queue = Queue(QUEUE, Exchange(QUEUE), routing_key=QUEUE)
+    with connection.Producer() as producer:
+        producer.publish(
+            {"body": body}, exchange=queue.exchange, routing_key=QUEUE, declare=[queue], retry=False
+        )
+
+
+def test_the_fenced_transport_enqueues_only_under_this_holders_token(redis_server, monkeypatch):
+    client = redis_server.client()
+    client.set(KEY, "mine", px=60_000)
+    with fenced_connection(redis_server.url, monkeypatch, "mine") as connection:
+        publish(connection)
+        assert client.llen(QUEUE) == 1
+        client.set(KEY, "a standby's", px=60_000)  # the lease changed hands
+        with pytest.raises(beat_fence.LeaseFenced, match="not held by this holder"):
+            publish(connection)
+        client.delete(KEY)  # or expired
+        with pytest.raises(beat_fence.LeaseFenced):
+            publish(connection)
+    assert client.llen(QUEUE) == 1
+
+
+def test_without_the_lease_in_its_environment_nothing_is_sent(redis_server, monkeypatch):
+    client = redis_server.client()
+    client.set(KEY, "mine", px=60_000)
+    with (
+        fenced_connection(redis_server.url, monkeypatch, "") as connection,
+        pytest.raises(beat_fence.LeaseFenced, match="holds no lease"),
+    ):
+        publish(connection)
+    assert client.llen(QUEUE) == 0
+
+
+def send_while_redis_is_paused(redis_server, connection: Any, standby_token: str) -> list[BaseException]:
+    """Window 2: beat's send is in flight when Redis pauses; the lease expires meanwhile, a standby's
+    acquire is queued behind the send; Redis resumes. Returns what the send raised."""
+    client = redis_server.client()
+    client.set(KEY, "mine", px=int(TTL * 1000))
+    raised: list[BaseException] = []
+
+    def send() -> None:
+        try:
+            publish(connection)
+        except BaseException as exc:  # reported to the test
+            raised.append(exc)
+
+    connection.connect()
+    with connection.channel():
+        pass  # connected and declared before the pause
+    assert redis_server.proc is not None
+    os.kill(redis_server.proc.pid, signal.SIGSTOP)
+    try:
+        sender = threading.Thread(target=send)
+        sender.start()
+        time.sleep(0.3)  # the send is on the wire first
+        standby = threading.Thread(
+            target=lambda: redis_server.client().set(KEY, standby_token, nx=True, px=60_000)
+        )
+        standby.start()
+        time.sleep(TTL + 0.5)  # the lease expires while Redis is paused
+    finally:
+        os.kill(redis_server.proc.pid, signal.SIGCONT)
+    sender.join(timeout=30)
+    standby.join(timeout=30)
+    assert not sender.is_alive() and not standby.is_alive()
+    assert client.get(KEY) == standby_token.encode()  # the standby leads now
+    return raised
+
+
+def test_a_send_in_flight_while_the_lease_expires_is_not_enqueued(redis_server, monkeypatch):
+    with fenced_connection(redis_server.url, monkeypatch, "mine") as connection:
+        raised = send_while_redis_is_paused(redis_server, connection, "standby")
+    assert [type(e) for e in raised] == [beat_fence.LeaseFenced]
+    assert redis_server.client().llen(QUEUE) == 0
+
+
+def test_without_the_fence_the_same_send_is_enqueued_under_the_new_leader(redis_server):
+    from kombu import Connection  # noqa: PLC0415
+
+    # The window is real: kombu's own transport delivers the stale message after the takeover.
+    with Connection(redis_server.url) as connection:
+        assert send_while_redis_is_paused(redis_server, connection, "standby") == []
+    assert redis_server.client().llen(QUEUE) == 1
+
+
+def test_a_beat_frozen_between_its_deadline_check_and_its_send_enqueues_nothing(
+    redis_server, tmp_path, monkeypatch
+):
+    # Window 1: the deadline in the lease file still looks valid to beat (it was frozen, and has not
+    # seen it closed), but the lease moved to a standby. The real scheduler's own path sends nothing.
+    lease_file = tmp_path / "lease"
+    beat_fence.write_stamp(lease_file, time.monotonic() + 60)
+    monkeypatch.setenv(beat_fence.INNER_SCHEDULER_ENV, "celery.beat:Scheduler")
+    monkeypatch.setenv(beat_fence.LEASE_FILE_ENV, str(lease_file))
+    monkeypatch.setenv(beat_fence.LEASE_KEY_ENV, KEY)
+    monkeypatch.setenv(beat_fence.LEASE_TOKEN_ENV, "mine")
+    client = redis_server.client()
+    client.set(KEY, "mine", px=60_000)
+    app = Celery("fence-test", broker=redis_server.url, set_as_current=False)
+    app.conf.task_default_queue = QUEUE
+    scheduler = symbol_by_name(beat_fence.SCHEDULER_PATH)(app=app, lazy=True)
+    entry = beat.ScheduleEntry(name="every-second", task="demo.tick", schedule=timedelta(seconds=1), app=app)
+    try:
+        scheduler.apply_async(entry)  # no producer given: the fenced one is used all the same
+        assert client.llen(QUEUE) == 1  # while the lease is ours, beat's own path enqueues
+        client.set(KEY, "standby", px=60_000)
+        with pytest.raises(beat.SchedulingError, match="not held by this holder"):
+            scheduler.apply_async(entry)
+        scheduler.apply_entry(entry)  # beat's own loop: logs the error and goes on
+        assert client.llen(QUEUE) == 1
+    finally:
+        scheduler.connection.release()

@@ -20,7 +20,8 @@ import time
 from typing import Any
 
 from celery_fleet.app_report import one_line
-from celery_fleet.beat_guard import DEFAULT_STATE_FILE, read_deadline
+from celery_fleet.beat_fence import read_stamp
+from celery_fleet.beat_guard import DEFAULT_STATE_FILE
 from celery_fleet.beat_scan import embedded_beats
 from celery_fleet.envfile import read_env_file
 from celery_fleet.pause import paused_queues
@@ -169,7 +170,7 @@ def collect(timeout: float, drained_mark: str | None) -> dict[str, Any]:
         finally:
             app.close()
     # The lease deadline the beat supervisor publishes: ahead of now only on the leader.
-    beat_leads = time.monotonic() < read_deadline(DEFAULT_STATE_FILE)
+    beat_leads = time.monotonic() < read_stamp(DEFAULT_STATE_FILE)
     pids = main_pids([u["unit"] for u in units])
     releases = {unit: release_of(read_cmdline(pid)) for unit, pid in pids.items()}
     return {
