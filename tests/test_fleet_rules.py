@@ -223,6 +223,52 @@ def test_a_short_or_non_string_password_is_refused(password):
     assert len(fleet_filters.password_errors(password, "redis_password", "Fix.")) == 1
 
 
+@pytest.mark.parametrize("address", ["10.0.0.5", "127.0.0.1", "0.0.0.0", "::1", "fd00::5"])
+def test_an_ip_address_is_accepted(address):
+    assert fleet_filters.address_errors(address, "flower_address", "Fix.") == []
+
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        "",
+        "localhost",
+        "10.0.0",
+        "10.0.0.256",
+        "010.0.0.5",
+        " 10.0.0.5",
+        "10.0.0.5 ",
+        "10.0.0.5:6379",
+        "10.0.0.5/32",
+        "host --port=80",
+        167772165,
+        None,
+        ["10.0.0.5"],
+    ],
+)
+def test_anything_but_one_address_is_refused(address):
+    [error] = fleet_filters.address_errors(address, "flower_address", "Fix.")
+    assert error.startswith(f"flower_address {address!r} is not an IPv4 or IPv6 address")
+
+
+def test_the_broker_address_must_be_ipv4_for_its_url():
+    assert fleet_filters.address_errors("10.0.0.5", "a", "Fix.", False) == []
+    [error] = fleet_filters.address_errors("fd00::5", "a", "Fix.", False)
+    assert "is not an IPv4 address" in error
+
+
+@pytest.mark.parametrize("network", ["10.0.0.0/24", "10.0.0.5", "10.0.0.5/32", "0.0.0.0/0", "fd00::/64"])
+def test_a_network_is_accepted(network):
+    assert fleet_filters.network_errors(network, "flower_allowed_clients", "Fix.") == []
+
+
+@pytest.mark.parametrize(
+    "network", ["10.0.0.5/24", "10.0.0.0/33", "10.0.0.0/", "any", "", " 10.0.0.0/24", None, 10]
+)
+def test_anything_but_a_network_is_refused(network):
+    assert len(fleet_filters.network_errors(network, "flower_allowed_clients", "Fix.")) == 1
+
+
 # systemd quoting ----------------------------------------------------------------------------------------
 
 

@@ -117,7 +117,7 @@ def test_no_gap_longer_than_the_lease_ttl_plus_a_few_seconds(broker, settings):
 
 def test_beat_unit_exposure_is_under_its_bar(beat_hosts):
     for host in beat_hosts:
-        assert exposure(host, "celery-beat.service") <= 1.5, host.backend.host
+        assert exposure(host, "celery-beat.service") <= 1.1, host.backend.host
 
 
 def test_the_verify_playbook_passes_across_the_fleet(host):

@@ -418,6 +418,36 @@ CASES = [
         ["argument 'flower_port' is of type str", "Fix"],
     ),
     (
+        "a broker address that is a host name",
+        (),
+        lambda hv: {"celery_app_broker_address": "broker.internal:6380/1"},
+        ["celery_app_broker_address 'broker.internal:6380/1' is not an IPv4 address", "Fix"],
+    ),
+    (
+        "a Flower client network with host bits",
+        (),
+        lambda hv: {"flower_allowed_clients": ["10.0.0.5/24"]},
+        ["flower_allowed_clients '10.0.0.5/24' is not an IP network", "Fix"],
+    ),
+    (
+        "a private Flower address nobody may reach",
+        (),
+        lambda hv: {"flower_address": "0.0.0.0"},
+        ["flower_address 0.0.0.0 is not loopback, but flower_allowed_clients is empty", "Fix"],
+    ),
+    (
+        "a beat stuck timeout too short to start beat",
+        (),
+        lambda hv: {"celery_beat_stuck_timeout": 1},
+        ["celery_beat_stuck_timeout (1) from 2 to 86400", "Fix"],
+    ),
+    (
+        "a misspelt worker default",
+        (),
+        lambda hv: {"celery_worker_defaults": {"memmory_max": "1G"}},
+        ["celery_worker_defaults has unknown fields memmory_max", "Fix"],
+    ),
+    (
         "a client port that is not a number",
         (),
         lambda hv: {"celery_app_broker_port": "six"},
@@ -475,7 +505,7 @@ CASES = [
         "a Flower address that is not an address",
         (),
         lambda hv: {"flower_address": "localhost --port=80"},
-        ['flower_address "localhost --port=80" must be an IP address', "Fix"],
+        ["flower_address 'localhost --port=80' is not an IPv4 or IPv6 address", "Fix"],
     ),
     (
         "a worker list that is not a list",

@@ -13,7 +13,12 @@ from ansible_collections.celery_fleet.fleet.plugins.module_utils.ownership impor
 )
 from ansible_collections.celery_fleet.fleet.plugins.module_utils.sizes import parse_size, size_error
 from ansible_collections.celery_fleet.fleet.plugins.module_utils.systemd import env_assignment, exec_command
-from ansible_collections.celery_fleet.fleet.plugins.module_utils.values import password_error, port_error
+from ansible_collections.celery_fleet.fleet.plugins.module_utils.values import (
+    address_error,
+    network_error,
+    password_error,
+    port_error,
+)
 
 DOCUMENTATION = r"""
 name: systemd_exec
@@ -30,6 +35,8 @@ description:
   - C(port_errors(where, fix)) is [] for a TCP port (1-65535), else the message.
   - C(password_errors(where, fix)) is [] for a broker password (16+ URL-safe characters, no
     placeholder), else the message; the value itself never appears in it.
+  - C(address_errors(where, fix, ipv6=true)) is [] for one IP address, else the message.
+  - C(network_errors(where, fix)) is [] for one IP network (C(10.0.0.0/24)), else the message.
   - C(env_errors(where, fix)) lists the problems of an environment mapping, among them the names the
     fleet owns (C(CELERY_*), C(FLOWER_*), the GPU pinning).
 positional: _input
@@ -90,6 +97,16 @@ def password_errors(value: Any, where: str, fix: str) -> list[str]:
     return [error] if error else []
 
 
+def address_errors(value: Any, where: str, fix: str, ipv6: bool = True) -> list[str]:
+    error = address_error(where, value, fix, ipv6)
+    return [error] if error else []
+
+
+def network_errors(value: Any, where: str, fix: str) -> list[str]:
+    error = network_error(where, value, fix)
+    return [error] if error else []
+
+
 def env_errors(env: Any, where: str, fix: str) -> list[str]:
     if not isinstance(env, dict) or not all(isinstance(k, str) and ENV_NAME.fullmatch(k) for k in env):
         return [f"{where} must map environment variable names to values. {fix}"]
@@ -115,4 +132,6 @@ class FilterModule:
             "loglevel_errors": loglevel_errors,
             "port_errors": port_errors,
             "password_errors": password_errors,
+            "address_errors": address_errors,
+            "network_errors": network_errors,
         }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from typing import Any
 
@@ -23,3 +24,29 @@ def password_error(where: str, value: Any, fix: str) -> str | None:
     if isinstance(value, str) and PASSWORD.fullmatch(value):
         return None
     return f"{where} is empty, a placeholder or not URL-safe; it must be {PASSWORD_FORMS}. {fix}"
+
+
+def address_error(where: str, value: Any, fix: str, ipv6: bool = True) -> str | None:
+    """The message for a value that is not one IP address (IPv4 only when ``ipv6`` is false), else None."""
+    kinds = (ipaddress.IPv4Address, ipaddress.IPv6Address) if ipv6 else (ipaddress.IPv4Address,)
+    if isinstance(value, str):
+        for kind in kinds:
+            try:
+                kind(value)
+            except ValueError:
+                continue
+            return None
+    forms = "an IPv4 or IPv6 address, like 10.0.0.5" if ipv6 else "an IPv4 address, like 10.0.0.5"
+    return f"{where} {value!r} is not {forms}. {fix}"
+
+
+def network_error(where: str, value: Any, fix: str) -> str | None:
+    """The message for a value that is not an IP network (10.0.0.0/24, 10.0.0.5, fd00::/64), else None."""
+    if isinstance(value, str) and value == value.strip():
+        try:
+            ipaddress.ip_network(value, strict=True)
+        except ValueError:
+            pass
+        else:
+            return None
+    return f"{where} {value!r} is not an IP network like 10.0.0.0/24 (no host bits set) or one address. {fix}"
