@@ -46,15 +46,18 @@ def free_port() -> int:
 class RedisServer:
     """A real redis-server on loopback, with a password, in a temporary directory."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, extra_conf: str = "", user: str = "") -> None:
         self.port = free_port()
         self.password = secrets.token_hex(16)
         self.workdir = workdir
+        self.user = user
+        # e.g. ACL user lines, read after requirepass; ``user`` becomes an all-powerful user of them.
+        self.extra_conf = extra_conf + (f"user {user} on >{self.password} ~* &* +@all\n" if user else "")
         self.proc: subprocess.Popen | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://:{self.password}@127.0.0.1:{self.port}/0"
+        return f"redis://{self.user}:{self.password}@127.0.0.1:{self.port}/0"
 
     def client(self) -> redis.Redis:
         return redis.Redis.from_url(self.url, socket_timeout=5, socket_connect_timeout=5)
@@ -63,7 +66,7 @@ class RedisServer:
         conf = self.workdir / "redis.conf"
         conf.write_text(
             f"bind 127.0.0.1\nport {self.port}\nrequirepass {self.password}\n"
-            f'dir {self.workdir}\nsave ""\nappendonly no\n'
+            f'dir {self.workdir}\nsave ""\nappendonly no\n{self.extra_conf}'
         )
         self.proc = subprocess.Popen(
             [shutil.which("redis-server") or "redis-server", str(conf)], stdout=subprocess.DEVNULL

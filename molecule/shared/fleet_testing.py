@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +15,17 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
+@functools.cache
+def broker_acl():
+    """The project's module_utils that names the broker's users and derives their passwords."""
+    from ansible.utils.collection_loader._collection_finder import _AnsibleCollectionFinder  # noqa: PLC0415
+
+    _AnsibleCollectionFinder(paths=[str(ROOT / "collections")])._install()
+    from ansible_collections.celery_fleet.fleet.plugins.module_utils import broker_acl as module  # noqa: PLC0415
+
+    return module
 
 
 ROLE_VARS = yaml.safe_load((ROOT / "roles" / "celery_fleet" / "vars" / "main.yml").read_text())
@@ -92,9 +105,45 @@ def journal(host, unit: str) -> str:
     return host.run(f"journalctl -u {unit} -n 40 --no-pager").stdout
 
 
+REDIS_COMMAND = """\
+import os, sys
+from urllib.parse import urlsplit
+import redis
+url = urlsplit(os.environ["CELERY_BROKER_URL"])
+auth = sys.argv[1] == "auth"
+client = redis.Redis(host=url.hostname, port=url.port, db=int(url.path.strip("/") or 0),
+                     username=url.username if auth else None, password=url.password if auth else None,
+                     socket_timeout=10)
+try:
+    answer = client.execute_command(*sys.argv[2:])
+except redis.RedisError as exc:
+    print(type(exc).__name__, exc)
+    sys.exit(0)
+def text(value):
+    if isinstance(value, dict):  # INFO
+        import json
+        return json.dumps(value, default=str)
+    if isinstance(value, list | tuple):
+        return "\\n".join(text(v) for v in value)
+    return value.decode() if isinstance(value, bytes) else ("" if value is None else str(value))
+print(text(answer))
+"""
+
+
 def redis_cli(host, hostvars, *args: str, auth: bool = True):
-    env = f"REDISCLI_AUTH={hostvars['redis_password']} " if auth else ""
-    return host.run(f"{env}timeout 10 redis-cli --no-auth-warning {' '.join(args)}")
+    """A Redis command as the fleet's admin user, printed one value a line, like redis-cli.
+
+    The admin's credentials are read on the host from its environment file, so none reaches a command
+    line. ``auth=False`` connects as nobody (the default user, which is off)."""
+    argv = [f"{VENV}/bin/python", "-c", REDIS_COMMAND, "auth" if auth else "none", *args]
+    return host.run(f"{FLEET_ENV}; timeout 20 {shlex.join(argv)}")
+
+
+def redis_info(host, hostvars) -> dict:
+    """Redis's INFO, as the admin user reads it (no user may read CONFIG)."""
+    result = redis_cli(host, hostvars, "INFO")
+    assert result.rc == 0, result.stderr
+    return json.loads(result.stdout)
 
 
 def http_status(host, url: str, user: str | None = None, password: str | None = None) -> int:

@@ -172,10 +172,10 @@ class Lease:
         self.token = token
         self._extend_deadline(t_sent)
         if self.info_allowed and self._server()[0] != self.run_id:
-            # The server changed between the check and the win: the old holder may still lead.
+            # The server changed between the check and the win: the old holder may still lead. The
+            # next may_try sees the new run_id as a restart and waits a TTL.
             LOG.warning("Redis changed (new run_id) while this host won the lease: giving it back")
             self.release()
-            self.run_id = None
             return False
         return True
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ansible_collections.celery_fleet.fleet.plugins.module_utils import broker_acl
 from ansible_collections.celery_fleet.fleet.plugins.module_utils.ownership import (
     CONTROL,
     ENV_NAME,
@@ -37,6 +38,12 @@ description:
     placeholder), else the message; the value itself never appears in it.
   - C(address_errors(where, fix, ipv6=true)) is [] for one IP address, else the message.
   - C(network_errors(where, fix)) is [] for one IP network (C(10.0.0.0/24)), else the message.
+  - C(broker_acl(lease_key)) of the master C(redis_password) is the broker's C(user) lines: the default
+    user off, one user per component (worker, beat, flower, admin), passwords stored hashed.
+  - C(broker_url(component, address, port, db)) of the master is the C(redis://) URL of that component's
+    user, with its derived password.
+  - C(broker_password(component)) of the master is that component's derived password; C(broker_user) of
+    a component, its Redis user.
   - C(env_errors(where, fix)) lists the problems of an environment mapping, among them the names the
     fleet owns (C(CELERY_*), C(FLOWER_*), the GPU pinning).
 positional: _input
@@ -107,6 +114,22 @@ def network_errors(value: Any, where: str, fix: str) -> list[str]:
     return [error] if error else []
 
 
+def broker_acl_lines(master: str, lease_key: str) -> list[str]:
+    return broker_acl.acl_lines(master, lease_key)
+
+
+def broker_url(master: str, component: str, address: str, port: Any, db: Any) -> str:
+    return broker_acl.broker_url(master, component, address, port, db)
+
+
+def broker_password(master: str, component: str) -> str:
+    return broker_acl.password(master, component)
+
+
+def broker_user(component: str) -> str:
+    return broker_acl.user_name(component)
+
+
 def env_errors(env: Any, where: str, fix: str) -> list[str]:
     if not isinstance(env, dict) or not all(isinstance(k, str) and ENV_NAME.fullmatch(k) for k in env):
         return [f"{where} must map environment variable names to values. {fix}"]
@@ -134,4 +157,8 @@ class FilterModule:
             "password_errors": password_errors,
             "address_errors": address_errors,
             "network_errors": network_errors,
+            "broker_acl": broker_acl_lines,
+            "broker_url": broker_url,
+            "broker_password": broker_password,
+            "broker_user": broker_user,
         }
