@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import importlib.util
 import json
 import os
 import shlex
@@ -19,12 +20,14 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @functools.cache
 def broker_acl():
-    """The project's module_utils that names the broker's users and derives their passwords."""
-    from ansible.utils.collection_loader._collection_finder import _AnsibleCollectionFinder  # noqa: PLC0415
+    """The project's module_utils that names the broker's users and derives their passwords.
 
-    _AnsibleCollectionFinder(paths=[str(ROOT / "collections")])._install()
-    from ansible_collections.celery_fleet.fleet.plugins.module_utils import broker_acl as module  # noqa: PLC0415
-
+    Loaded from its file: it needs only the standard library, and no collection loader runs here."""
+    path = ROOT / "collections/ansible_collections/celery_fleet/fleet/plugins/module_utils/broker_acl.py"
+    spec = importlib.util.spec_from_file_location("celery_fleet_broker_acl", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
     return module
 
 
