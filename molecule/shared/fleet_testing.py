@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import json
@@ -185,6 +186,7 @@ def playbook(
     check: bool = False,
     json_output: bool = False,
     limit: str | None = None,
+    verbosity: int = 0,
 ) -> subprocess.CompletedProcess:
     """Run one of the project's playbooks from the controller, as a user would.
 
@@ -201,6 +203,8 @@ def playbook(
         args += ["--check", "--diff"]
     if limit:
         args += ["--limit", limit]
+    if verbosity:
+        args += ["-" + "v" * verbosity]
     return subprocess.run(
         [str(Path(sys.executable).parent / "ansible-playbook"), *args, name],
         cwd=ROOT,
@@ -223,3 +227,31 @@ def snapshot(host) -> str:
         "$(systemctl list-units --plain --no-legend 'celery-worker@*' | cut -d' ' -f1)"
     ).stdout
     return files + units
+
+
+def fleet_secrets(hostvars) -> list[str]:
+    """Every secret of the fleet: the vaulted broker password, each Redis user's, Flower's login."""
+    acl = broker_acl()
+    master = hostvars["redis_password"]
+    return [master, hostvars["flower_password"], *(acl.password(master, c) for c in acl.COMPONENTS)]
+
+
+@contextlib.contextmanager
+def process_samples(container: str, out: Path, seconds: int = 900):
+    """Write the container's process list (every command line) to ``out`` every 0.1 s, while the block runs.
+
+    The sampler runs in the container and stops at the end of the block, or after ``seconds``."""
+    stop = "/run/celery-fleet-test-sampler.stop"
+    subprocess.run(["docker", "exec", container, "rm", "-f", stop], check=True, timeout=30)
+    loop = f"for i in $(seq {seconds * 10}); do [ -e {stop} ] && exit 0; ps -eo args; sleep 0.1; done"
+    with out.open("wb") as sink:
+        sampler = subprocess.Popen(["docker", "exec", container, "sh", "-c", loop], stdout=sink)
+    try:
+        yield
+    finally:
+        subprocess.run(["docker", "exec", container, "touch", stop], check=False, timeout=30)
+        try:
+            sampler.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            sampler.kill()
+            sampler.wait(timeout=10)

@@ -9,9 +9,9 @@ from fleet_testing import (
     PATHS,
     STATUS,
     VENV,
-    broker_acl,
     exposure,
     fleet_json,
+    fleet_secrets,
     http_status,
     instance_of,
     journal,
@@ -101,9 +101,7 @@ def test_flower_listens_on_loopback_only(host):
 
 
 def test_no_secret_on_any_command_line(host, hostvars):
-    acl = broker_acl()
-    secrets = [hostvars["redis_password"], hostvars["flower_password"]]
-    secrets += [acl.password(hostvars["redis_password"], c) for c in acl.COMPONENTS]
+    secrets = fleet_secrets(hostvars)
     cmdlines = host.run("cat /proc/[0-9]*/cmdline | tr '\\0' ' '").stdout
     assert "celery" in cmdlines  # the fleet's processes were read
     for secret in secrets:

@@ -19,7 +19,18 @@ from pathlib import Path
 
 import pytest
 import yaml
-from fleet_testing import FLEET_ENV, PATHS, ROOT, STATUS, fleet_json, journal, playbook, redis_cli
+from fleet_testing import (
+    FLEET_ENV,
+    PATHS,
+    ROOT,
+    STATUS,
+    fleet_json,
+    fleet_secrets,
+    journal,
+    playbook,
+    process_samples,
+    redis_cli,
+)
 from test_preflight_catalogue import HOST, inventory
 
 QUEUES = ["high_priority", "datasets", "processing", "training", "extraction", "low_priority"]
@@ -49,8 +60,11 @@ def current_release(host) -> str:
     return Path(host.check_output(f"readlink {PATHS['venv']}")).name
 
 
-def under_load(host, tmp_path: Path, name: str, extra_vars: dict | None = None) -> tuple[object, dict]:
-    """Run playbook ``name`` while the load runs; return the run and the load's verdict."""
+def under_load(
+    host, tmp_path: Path, name: str, extra_vars: dict | None = None, verbosity: int = 0
+) -> tuple[object, dict]:
+    """Run playbook ``name`` while the load runs, sampling the host's process list; return the run and
+    the load's verdict (with the samples' file)."""
     release = f"{PATHS['releases']}/{current_release(host)}"
     env = f"--property=EnvironmentFile={PATHS['app_env']} --property=EnvironmentFile={PATHS['broker_env']}"
     host.run("rm -f /tmp/load.stop /tmp/load-sent.json")
@@ -78,7 +92,8 @@ def under_load(host, tmp_path: Path, name: str, extra_vars: dict | None = None) 
         time.sleep(2)
         since = float(host.check_output("date +%s.%N"))
         (tmp_path / "hosts.yml").write_text(yaml.safe_dump(inventory(host.hostvars)))
-        run = playbook(name, tmp_path / "hosts.yml", extra_vars=extra_vars)
+        with process_samples(host.backend.host, tmp_path / "ps.txt"):
+            run = playbook(name, tmp_path / "hosts.yml", extra_vars=extra_vars, verbosity=verbosity)
         until = float(host.check_output("date +%s.%N"))
     finally:
         host.run("touch /tmp/load.stop")
@@ -92,6 +107,7 @@ def under_load(host, tmp_path: Path, name: str, extra_vars: dict | None = None) 
         f"--since {since} --until {until} --timeout {LONG_TASK + 120}'",
     )
     verdict["since"] = since
+    verdict["ps"] = tmp_path / "ps.txt"
     return run, verdict
 
 
@@ -141,9 +157,17 @@ def history() -> dict[str, str]:
 
 def test_a_release_rolls_out_with_no_gap_no_loss_and_no_repeat(host, tmp_path, releases, history):
     old = current_release(host)
-    run, verdict = under_load(host, tmp_path, "site.yml", {"celery_app_sources": [str(releases["v2"])]})
+    sources = {"celery_app_sources": [str(releases["v2"])]}
+    run, verdict = under_load(host, tmp_path, "site.yml", sources, verbosity=3)
     output = run.stdout + run.stderr
     assert run.returncode == 0, output[-4000:]
+    # A whole converge and its verify, at -vvv: no secret in any process list of the host, sampled
+    # every 0.1 s throughout, nor in the output.
+    samples = verdict["ps"].read_text(errors="replace")
+    assert samples.count("celery-fleet-canary") > 0, "the sampler saw the rollout"
+    for secret in fleet_secrets(host.hostvars):
+        assert secret not in samples
+        assert secret not in output
     new = current_release(host)
     assert new != old
     assert_no_stall(verdict, old)

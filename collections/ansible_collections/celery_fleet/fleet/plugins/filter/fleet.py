@@ -38,8 +38,8 @@ description:
     placeholder), else the message; the value itself never appears in it.
   - C(address_errors(where, fix, ipv6=true)) is [] for one IP address, else the message.
   - C(network_errors(where, fix)) is [] for one IP network (C(10.0.0.0/24)), else the message.
-  - C(broker_acl(lease_key)) of the master C(redis_password) is the broker's C(user) lines: the default
-    user off, one user per component (worker, beat, flower, admin), passwords stored hashed.
+  - C(broker_acl(lease_key)) of the master C(redis_password) is the broker's C(user) lines (the default
+    user off, one user per component, worker, beat, flower and admin, passwords stored hashed).
   - C(broker_url(component, address, port, db)) of the master is the C(redis://) URL of that component's
     user, with its derived password.
   - C(broker_password(component)) of the master is that component's derived password; C(broker_user) of
