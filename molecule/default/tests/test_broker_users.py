@@ -9,7 +9,7 @@ import json
 import shlex
 
 import pytest
-from fleet_testing import PATHS, VENV
+from fleet_testing import PATHS, VENV, on_host, show
 
 LEASE = "celery-fleet:beat-leader"
 # Each component's credentials file, as its unit's EnvironmentFile= names it.
@@ -86,3 +86,30 @@ def test_the_default_user_is_off_whatever_the_password(host):
     argv = [f"{VENV}/bin/python", "-c", DEFAULT_USER_PROBE, PATHS["broker_env"]]
     result = host.run(f"cd /tmp && timeout 60 {shlex.join(argv)}")
     assert result.stdout.split() == ["refused", "refused"], result.stderr
+
+
+REACH = """\
+targets = {targets}
+out = {{u: app.send_task("demo_app.tasks.reach", args=[p], queue="low_priority").get(timeout=60)
+        for u, p in targets.items()}}
+# The probe itself can succeed: on the worker's own process, as its own user.
+out["own"] = app.send_task("demo_app.tasks.reach", args=[out["flower.service"]["pid"]],
+                           queue="low_priority").get(timeout=60)
+print(json.dumps(out))
+"""
+
+
+def test_a_task_can_neither_read_nor_signal_beat_or_flower(host):
+    # Beat and Flower run as users of their own (DynamicUser=), tasks as celery_app_user.
+    targets = {u: int(show(host, u, "MainPID")["MainPID"]) for u in ("celery-beat.service", "flower.service")}
+    assert all(targets.values()), targets
+    out = on_host(host, REACH.format(targets=json.dumps(targets)))
+    assert (out["own"]["environ"], out["own"]["signal"]) == ("ok", "ok"), out["own"]
+    for unit in targets:
+        assert out[unit]["environ"] != "ok", (unit, out[unit])  # hidden (ENOENT) or refused
+        assert out[unit]["signal"] == "EPERM", (unit, out[unit])
+    users = {u: show(host, u, "User", "DynamicUser") for u in targets}
+    assert users == {
+        "celery-beat.service": {"User": "celery-beat", "DynamicUser": "yes"},
+        "flower.service": {"User": "celery-flower", "DynamicUser": "yes"},
+    }

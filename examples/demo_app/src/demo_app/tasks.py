@@ -20,6 +20,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, NoReturn
 
 import redis
@@ -189,6 +190,27 @@ def crash(self: Any) -> NoReturn:
         client.rpush(CRASHES_KEY, self.request.id)
     os.kill(os.getpid(), signal.SIGKILL)
     raise AssertionError("unreachable: SIGKILL was not delivered")
+
+
+@shared_task(bind=True)
+def reach(self: Any, pid: int) -> dict[str, Any]:
+    """What this task can do to process ``pid``: read its environment, and signal it (signal 0).
+
+    Each is ``ok`` or the errno name: the isolation test's probe that a task cannot read beat's or
+    Flower's secrets or signal them.
+    """
+    out: dict[str, Any] = {}
+    try:
+        Path(f"/proc/{pid}/environ").read_bytes()
+        out["environ"] = "ok"
+    except OSError as exc:
+        out["environ"] = errno.errorcode.get(exc.errno or 0, str(exc.errno))
+    try:
+        os.kill(pid, 0)
+        out["signal"] = "ok"
+    except OSError as exc:
+        out["signal"] = errno.errorcode.get(exc.errno or 0, str(exc.errno))
+    return {**out, "pid": os.getpid(), **_where(self)}
 
 
 @shared_task(bind=True)
