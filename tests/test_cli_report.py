@@ -365,3 +365,13 @@ def test_script_refuses_what_is_not_a_list_of_commands(stdin):
     assert proc.stdout == ""
     [line] = proc.stderr.splitlines()
     assert line.startswith("celery-fleet-cli-report: ")
+
+
+def test_every_flower_option_is_judged_exactly_once(flower_options):
+    from ansible_collections.celery_fleet.fleet.plugins.module_utils import ownership  # noqa: PLC0415
+
+    judged = [*ownership.FLOWER_OWNED, *ownership.FLOWER_UNIT, *ownership.FLOWER_ALLOWED]
+    assert len(judged) == len(set(judged))
+    options = {o.name.replace("-", "_") for o in flower_options._options.values()}
+    # unauthenticated_api is read from the environment only (FLOWER_UNAUTHENTICATED_API), owned all the same.
+    assert set(judged) - {"unauthenticated_api"} == options

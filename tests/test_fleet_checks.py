@@ -451,3 +451,24 @@ def test_each_source_is_named_in_its_own_error():
     found = cli_errors(source(["-B"]), source(["--max-interval=5"], "beat"), source(["--purge"]))
     assert len(found) == 2
     assert all(e.startswith("h1: celery_workers[w].extra_args") for e in found)
+
+
+@pytest.mark.parametrize(
+    ("names", "fragment"),
+    [
+        (["url_prefix", "xheaders", "read_only"], None),
+        (["debug"], "which the fleet owns: it turns on autoreload"),
+        (["cookie_secret"], "a secret on a command line"),
+        (["basic_auth"], "set flower_user and flower_password instead"),
+        # An option a newer Flower adds is refused until it is judged.
+        (["a_new_option"], "it may set only url_prefix"),
+    ],
+)
+def test_flower_arguments_are_judged_against_an_allow_list(names, fragment):
+    cli = {"parsed": [{"set": names, "extra": [], "error": None}], "envvars": []}
+    errors = checks.celery_cli_errors(cli, [source([f"--{n}=1" for n in names], "flower")])["errors"]
+    if fragment is None:
+        assert errors == []
+    else:
+        [error] = errors
+        assert error.startswith("h1: celery_flower_extra_args") and fragment in error and "Fix:" in error

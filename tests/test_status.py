@@ -126,3 +126,27 @@ def test_the_scan_finds_every_worker_that_embeds_a_beat(tmp_path, args, env, via
         via = beat_scan.beat_source(args, env)
         assert via in (None, "its environment (CELERY_WORKER_BEAT)")
     assert [b["via"] for b in found] == ([via] if via else [])
+
+
+@pytest.mark.parametrize(
+    ("args", "via"),
+    [("--app demo_app worker -B", "its command line"), ("-A demo_app worker --queues=a", None)],
+)
+def test_the_scan_reads_a_worker_whose_title_setproctitle_rewrote(args, via):
+    # A worker's main process under setproctitle: its whole command line is Celery's title.
+    title = f"[celeryd: w1@host:MainProcess] -active- ({args})"
+    proc = subprocess.Popen([title, "60"], executable="/bin/sleep")
+    try:
+        time.sleep(0.3)
+        found = [b for b in beat_scan.embedded_beats() if b["pid"] == proc.pid]
+    finally:
+        proc.kill()
+        proc.wait()
+    assert [b["via"] for b in found] == ([via] if via else [])
+
+
+def test_a_pool_childs_title_is_not_a_worker_of_its_own():
+    assert beat_scan.from_title(["[celeryd: w1@host:ForkPoolWorker-1]"]) == [
+        "[celeryd: w1@host:ForkPoolWorker-1]"
+    ]
+    assert beat_scan.worker_args(beat_scan.from_title(["[celeryd: w1@host:ForkPoolWorker-1]"])) is None

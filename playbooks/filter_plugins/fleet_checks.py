@@ -8,7 +8,9 @@ from typing import Any
 from ansible_collections.celery_fleet.fleet.plugins.module_utils.ownership import (
     BEAT_ALLOWED,
     BEAT_OWNED,
+    FLOWER_ALLOWED,
     FLOWER_OWNED,
+    FLOWER_UNIT,
     WORKER_ALLOWED,
     WORKER_BEAT,
     WORKER_FIELDS,
@@ -322,7 +324,7 @@ def celery_cli_errors(cli: dict[str, Any], sources: list[dict[str, Any]]) -> Res
         elif command == "beat":
             errors += _owned_errors(where, names, BEAT_OWNED, BEAT_ALLOWED)
         else:
-            errors += _owned_errors(where, names, FLOWER_OWNED, None)
+            errors += _owned_errors(where, names, {**FLOWER_OWNED, **FLOWER_UNIT}, FLOWER_ALLOWED)
         if parsed.get("extra") and command == "flower":
             errors.append(
                 f"{where} holds {parsed['extra']!r}, which Flower ignores without a word (no option of its "

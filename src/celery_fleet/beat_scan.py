@@ -11,6 +11,7 @@ on the click version, so click itself decides). The command line is read from
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,17 @@ from celery_fleet.cli_report import celery_context
 
 # click's BoolParamType reads these as true.
 TRUE = frozenset({"1", "true", "t", "yes", "y", "on"})
+# With setproctitle installed, a worker's main process rewrites its command line to
+# "[celeryd: <node>:MainProcess] <status> (<its arguments>)" (celery.apps.worker.set_process_status).
+TITLE = re.compile(r"\[celeryd: [^\]]*:MainProcess\] .*?\((?P<args>.*)\)")
+
+
+def from_title(argv: list[str]) -> list[str]:
+    """The command line a worker had before setproctitle rewrote it, or ``argv`` unchanged.
+
+    The title joined the arguments with spaces, so an argument that held one comes back as two."""
+    title = TITLE.match(" ".join(argv))
+    return ["celery", *title["args"].split()] if title else argv
 
 
 def worker_args(argv: list[str]) -> list[str] | None:
@@ -70,7 +82,7 @@ def embedded_beats(proc: Path = Path("/proc")) -> list[dict[str, Any]]:
     for entry in proc.iterdir():
         if not entry.name.isdigit():
             continue
-        argv = [a for a in _read(entry / "cmdline") if a]
+        argv = from_title([a for a in _read(entry / "cmdline") if a])
         args = worker_args(argv)
         if args is None:
             continue

@@ -80,6 +80,43 @@ FLOWER_OWNED = {
     "conf": "every Flower setting comes from the role",
     "broker_api": "Flower reads the broker from the fleet's environment",
 }
+# Flower options its unit rules out, and why.
+FLOWER_UNIT = {
+    "cookie_secret": "a secret on a command line is visible to every process of the host",
+    "debug": "it turns on autoreload and tracebacks in the browser",
+    "db": "the unit keeps no state (no persistent mode)",
+    "persistent": "the unit keeps no state (no persistent mode)",
+    "state_save_interval": "the unit keeps no state (no persistent mode)",
+    "format_task": "it names Python code, which a command line cannot pass",
+    "help": "it prints the help and exits",
+    "logging": "the log goes to the journal",
+    "log_to_stderr": "the log goes to the journal",
+    "log_file_prefix": "the log goes to the journal",
+    "log_file_max_size": "the log goes to the journal",
+    "log_file_num_backups": "the log goes to the journal",
+    "log_rotate_when": "the log goes to the journal",
+    "log_rotate_interval": "the log goes to the journal",
+    "log_rotate_mode": "the log goes to the journal",
+}
+# The Flower options flower_extra_args may set: an allow-list, so an option a newer Flower adds is
+# refused until it is judged here.
+FLOWER_ALLOWED = (
+    "url_prefix",
+    "xheaders",
+    "read_only",
+    "max_workers",
+    "max_tasks",
+    "natural_time",
+    "tasks_columns",
+    "auto_refresh",
+    "purge_offline_workers",
+    "inspect_timeout",
+    "enable_events",
+    "task_runtime_metric_buckets",
+    "certfile",
+    "keyfile",
+    "ca_certs",
+)
 
 # The choices of celery.bin.base.LogLevel, which compares them in upper case.
 LOGLEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL", "FATAL")
