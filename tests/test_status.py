@@ -101,6 +101,16 @@ def _fake_worker(tmp_path, args: list[str], env: dict[str, str] | None = None) -
     )
 
 
+def _scan(proc: subprocess.Popen) -> list[dict]:
+    """What the beat scan reports of ``proc`` once it runs; the process is killed after."""
+    try:
+        time.sleep(0.3)
+        return [b for b in beat_scan.embedded_beats() if b["pid"] == proc.pid]
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 @pytest.mark.parametrize(
     ("args", "env", "via"),
     [
@@ -115,13 +125,7 @@ def _fake_worker(tmp_path, args: list[str], env: dict[str, str] | None = None) -
     ],
 )
 def test_the_scan_finds_every_worker_that_embeds_a_beat(tmp_path, args, env, via):
-    proc = _fake_worker(tmp_path, args, env)
-    try:
-        time.sleep(0.3)
-        found = [b for b in beat_scan.embedded_beats() if b["pid"] == proc.pid]
-    finally:
-        proc.kill()
-        proc.wait()
+    found = _scan(_fake_worker(tmp_path, args, env))
     if via == "ask click":
         via = beat_scan.beat_source(args, env)
         assert via in (None, "its environment (CELERY_WORKER_BEAT)")
@@ -135,13 +139,7 @@ def test_the_scan_finds_every_worker_that_embeds_a_beat(tmp_path, args, env, via
 def test_the_scan_reads_a_worker_whose_title_setproctitle_rewrote(args, via):
     # A worker's main process under setproctitle: its whole command line is Celery's title.
     title = f"[celeryd: w1@host:MainProcess] -active- ({args})"
-    proc = subprocess.Popen([title, "60"], executable="/bin/sleep")
-    try:
-        time.sleep(0.3)
-        found = [b for b in beat_scan.embedded_beats() if b["pid"] == proc.pid]
-    finally:
-        proc.kill()
-        proc.wait()
+    found = _scan(subprocess.Popen([title, "60"], executable="/bin/sleep"))
     assert [b["via"] for b in found] == ([via] if via else [])
 
 
