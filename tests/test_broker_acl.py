@@ -199,3 +199,33 @@ def test_a_worker_runs_tasks_and_beat_publishes_under_their_own_users(server, tm
             {"x": 1}, exchange=queue.exchange, routing_key="acl-beat", declare=[queue], retry=False
         )
     assert server.client().llen("acl-beat") == 1
+
+
+@pytest.mark.parametrize("char", sorted(set(string.punctuation + " ") - {"/"}))
+def test_a_tls_url_hands_its_files_to_kombu_redis_py_and_celery_unchanged(char):
+    # Every printable character a path can hold, URL delimiters included, reaches each parser intact.
+    from celery.backends.redis import RedisBackend  # noqa: PLC0415
+    from kombu.utils.url import url_to_parts  # noqa: PLC0415
+    from redis.connection import SSLConnection, parse_url  # noqa: PLC0415
+
+    tls = {name: f"/etc/fleet{char}x/tls/{name}.pem" for name in ("ca", "cert", "key")}
+    url = broker_acl.broker_url(MASTER, "worker", "10.0.0.5", 6380, 0, tls=tls)
+    assert url.startswith("rediss://")
+    expected = {"ssl_ca_certs": tls["ca"], "ssl_certfile": tls["cert"], "ssl_keyfile": tls["key"]}
+    redis_py = parse_url(url)
+    assert redis_py["connection_class"] is SSLConnection
+    assert {k: redis_py[k] for k in expected} == expected
+    assert redis_py["ssl_cert_reqs"] == "required"
+    from kombu.utils.url import parse_url as kombu_parse  # noqa: PLC0415
+
+    kombu_ssl = kombu_parse(url)["ssl"]
+    assert {k: kombu_ssl[k] for k in expected} == expected
+    assert url_to_parts(url).hostname == "10.0.0.5"
+    from celery import Celery  # noqa: PLC0415
+
+    backend = RedisBackend(app=Celery(set_as_current=False), url=url)
+    assert {k: backend.connparams[k] for k in expected} == expected
+
+
+def test_without_tls_the_url_is_plain_redis():
+    assert broker_acl.broker_url(MASTER, "worker", "127.0.0.1", 6379, 0).startswith("redis://celery-worker:")

@@ -113,11 +113,11 @@ REDIS_COMMAND = """\
 import os, sys
 from urllib.parse import urlsplit
 import redis
-url = urlsplit(os.environ["CELERY_BROKER_URL"])
-auth = sys.argv[1] == "auth"
-client = redis.Redis(host=url.hostname, port=url.port, db=int(url.path.strip("/") or 0),
-                     username=url.username if auth else None, password=url.password if auth else None,
-                     socket_timeout=10)
+url = os.environ["CELERY_BROKER_URL"]
+if sys.argv[1] != "auth":  # the same address (and TLS files), as nobody
+    parts = urlsplit(url)
+    url = parts._replace(netloc=f"{parts.hostname}:{parts.port}").geturl()
+client = redis.Redis.from_url(url, socket_timeout=10)
 try:
     answer = client.execute_command(*sys.argv[2:])
 except redis.RedisError as exc:

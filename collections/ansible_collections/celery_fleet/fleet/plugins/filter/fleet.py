@@ -40,8 +40,8 @@ description:
   - C(network_errors(where, fix)) is [] for one IP network (C(10.0.0.0/24)), else the message.
   - C(broker_acl(lease_key)) of the master C(redis_password) is the broker's C(user) lines (the default
     user off, one user per component, worker, beat, flower and admin, passwords stored hashed).
-  - C(broker_url(component, address, port, db)) of the master is the C(redis://) URL of that component's
-    user, with its derived password.
+  - C(broker_url(component, address, port, db, tls)) of the master is the URL of that component's user,
+    with its derived password; C(rediss://) with the CA, certificate and key of C(tls) when it names them.
   - C(broker_password(component)) of the master is that component's derived password; C(broker_user) of
     a component, its Redis user.
   - C(env_errors(where, fix)) lists the problems of an environment mapping, among them the names the
@@ -118,8 +118,8 @@ def broker_acl_lines(master: str, lease_key: str) -> list[str]:
     return broker_acl.acl_lines(master, lease_key)
 
 
-def broker_url(master: str, component: str, address: str, port: Any, db: Any) -> str:
-    return broker_acl.broker_url(master, component, address, port, db)
+def broker_url(master: str, component: str, address: str, port: Any, db: Any, tls: Any = None) -> str:  # noqa: PLR0917 -- a filter's arguments
+    return broker_acl.broker_url(master, component, address, port, db, tls=tls or None)
 
 
 def broker_password(master: str, component: str) -> str:

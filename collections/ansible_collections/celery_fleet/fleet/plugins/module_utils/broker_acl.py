@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 from typing import Any
+from urllib.parse import urlencode
 
 # component -> (what it does, the extra commands it needs beyond +@all -@dangerous)
 COMPONENTS: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -81,6 +82,25 @@ def acl_lines(master: str, lease_key: str) -> list[str]:
     return ["user default reset off", *(acl_rules(master, c, lease_key) for c in COMPONENTS)]
 
 
-def broker_url(master: str, component: str, address: str, port: Any, db: Any) -> str:
-    """The ``redis://`` URL a component connects with."""
-    return f"redis://{user_name(component)}:{password(master, component)}@{address}:{port}/{db}"
+def broker_url(
+    master: str, component: str, address: str, port: Any, db: Any, *, tls: dict | None = None
+) -> str:
+    """The URL a component connects with: ``redis://``, or ``rediss://`` when ``tls`` names the files.
+
+    ``tls`` is ``{"ca": ..., "cert": ..., "key": ...}``: the client checks the broker's certificate (and
+    its address) against the fleet's CA, and shows its host's own. Celery, kombu and redis-py all read
+    these query parameters from the URL, so no app needs ``broker_use_ssl``.
+    """
+    base = f"{user_name(component)}:{password(master, component)}@{address}:{port}/{db}"
+    if not tls:
+        return f"redis://{base}"
+    query = urlencode(
+        {
+            "ssl_cert_reqs": "required",
+            "ssl_ca_certs": tls["ca"],
+            "ssl_certfile": tls["cert"],
+            "ssl_keyfile": tls["key"],
+        },
+        safe="/",
+    )
+    return f"rediss://{base}?{query}"
