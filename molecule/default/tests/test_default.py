@@ -132,10 +132,9 @@ def test_every_unit_the_project_writes_verifies_clean(host, hostvars):
     assert result.stdout + result.stderr == ""
 
 
-# 1.0 needs PrivateUsers=yes, which systemd 252 cannot set up beside ProtectProc=invisible in a container.
-@pytest.mark.parametrize(("unit", "bar"), [("celery-beat.service", 1.1), ("flower.service", 1.2)])
-def test_service_exposure_is_under_its_bar(host, unit, bar):
-    assert exposure(host, unit) <= bar
+@pytest.mark.parametrize("unit", ["celery-beat.service", "flower.service"])
+def test_service_exposure_is_under_its_bar(host, unit):
+    assert exposure(host, unit) <= 1.0
 
 
 def test_cpu_worker_exposure_is_under_its_bar(host, hostvars):

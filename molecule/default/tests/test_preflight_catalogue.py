@@ -442,6 +442,12 @@ CASES = [
         ["celery_beat_stuck_timeout (1) from 2 to 86400", "Fix"],
     ),
     (
+        "a worker watchdog shorter than the loop's ticks can meet",
+        (),
+        lambda hv: {"celery_worker_watchdog_sec": 4},
+        ["celery_worker_watchdog_sec 4 whole seconds from 10 to 3600", "Fix"],
+    ),
+    (
         "a misspelt worker default",
         (),
         lambda hv: {"celery_worker_defaults": {"memmory_max": "1G"}},

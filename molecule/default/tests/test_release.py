@@ -278,7 +278,10 @@ def test_a_broken_release_stops_at_the_canary_and_the_old_keeps_serving(host, tm
     )
     output = " ".join((run.stdout + run.stderr).split())
     assert run.returncode != 0
-    assert f"{HOST}: the rollout stopped at the canary: celery-fleet-canary:" in output, output[-3000:]
+    # The canary unit's start fails: it exits before it is ready (READY=1 comes after the first consume).
+    assert f"{HOST}: the rollout stopped at the canary: Unable to start service celery-worker@" in output, (
+        output[-3000:]
+    )
     assert "still serve on their release" in output and "Fix:" in output
     # The same units still serve, on the same release, and a task goes through every queue.
     assert worker_releases(host) == before
