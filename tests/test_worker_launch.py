@@ -64,11 +64,9 @@ def systemd(tmp_path):
     manager.sock.close()
 
 
-def launch(
-    env: dict[str, str], systemd: Systemd, watchdog_s: float, queues: str = "launcher"
-) -> subprocess.Popen:
-    argv = [sys.executable, "-m", "celery_fleet.worker", "--app", "demo_app", "worker", f"--hostname={NODE}"]
-    argv += [f"--queues={queues}", "--pool=solo", "--without-mingle", "--without-gossip", "--loglevel=INFO"]
+def launch(env: dict[str, str], systemd: Systemd, watchdog_s: float, node: str = NODE) -> subprocess.Popen:
+    argv = [sys.executable, "-m", "celery_fleet.worker", "--app", "demo_app", "worker", f"--hostname={node}"]
+    argv += ["--queues=launcher", "--pool=solo", "--without-mingle", "--without-gossip", "--loglevel=INFO"]
     env = {**env, "NOTIFY_SOCKET": str(systemd.path), "WATCHDOG_USEC": str(int(watchdog_s * 1e6))}
     return subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
@@ -173,6 +171,41 @@ def test_a_killed_workers_unacknowledged_task_is_handed_back_at_its_restart(redi
         err = stop(second)
     assert "handed 1 message(s)" in err, err[-2000:]
     assert client.hlen(f"unacked:{NODE}") == 0
+
+
+def test_a_gone_nodes_stale_unacknowledged_task_is_reclaimed_by_another_worker(redis_server, systemd):
+    """A node that never starts again: past the visibility timeout, any worker hands its messages back,
+    as kombu does for its one shared hash."""
+    env = demo_env(redis_server)
+    client = redis_server.client()
+    gone = launch(env, systemd, watchdog_s=30, node="gone@launcher")
+    try:
+        systemd.wait_for("READY", timeout=60)
+        task_id = send(env, 1)
+        deadline = time.monotonic() + 30
+        while not client.hlen("unacked:gone@launcher") and time.monotonic() < deadline:
+            time.sleep(0.2)
+    finally:
+        gone.kill()
+        gone.communicate(timeout=10)
+    [tag] = client.hkeys("unacked:gone@launcher")
+    # Taken two hours ago: past the demo app's visibility timeout (7200 s).
+    client.zadd("unacked_index:gone@launcher", {tag: time.time() - 7300})
+    other = launch(env, systemd, watchdog_s=30)
+    try:
+        systemd.wait_for("READY", timeout=60)
+        program = (
+            f"from demo_app.celery import app; import json; "
+            f"print(json.dumps(app.AsyncResult('{task_id}').get(timeout=60)))"
+        )
+        done = subprocess.run(
+            [sys.executable, "-c", program], env=env, capture_output=True, text=True, timeout=90, check=False
+        )
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout)["worker"] == NODE
+    finally:
+        stop(other)
+    assert client.hlen("unacked:gone@launcher") == 0
 
 
 # --- the parts, on their own ------------------------------------------------------------------------

@@ -16,7 +16,8 @@ through Celery's public signals and bootsteps:
 - redelivery: the unit's messages taken but not acknowledged wait in a Redis hash of the unit's own
   (kombu's ``unacked_key``, per node name), which its next process hands back to their queues before it
   consumes. Killed by the watchdog or the OOM killer, a worker's tasks return at its restart, not after
-  the broker's visibility timeout.
+  the broker's visibility timeout. For a node that never starts again (its host gone), every worker keeps
+  kombu's own rule: a message unacknowledged for longer than the visibility timeout goes back.
 """
 
 from __future__ import annotations
@@ -39,6 +40,9 @@ UNACKED_OPTIONS = {
     "unacked_index_key": "unacked_index",
     "unacked_mutex_key": "unacked_mutex",
 }
+# The node names that keep unacknowledged messages under keys of their own.
+NODES_KEY = "celery-fleet:unacked-nodes"
+DEFAULT_VISIBILITY_TIMEOUT = 3600  # kombu's Redis transport
 
 
 class Watchdog:
@@ -121,12 +125,13 @@ def unit_keys(transport_options: dict, node: str) -> dict:
     return options
 
 
-def hand_back(connection) -> int:
+def hand_back(connection, node: str) -> int:
     """Return to their queues the messages a previous process of this unit took and never acknowledged."""
     channel = connection.channel()
     try:
         qos = channel.qos
         with channel.conn_or_acquire() as client:
+            client.sadd(NODES_KEY, node)
             tags = client.hkeys(qos.unacked_key)
         for tag in tags:
             qos.restore_by_tag(tag)
@@ -135,13 +140,50 @@ def hand_back(connection) -> int:
         channel.close()
 
 
+def reclaim(app, node: str, app_options: dict) -> None:
+    """Return the messages other nodes took more than the visibility timeout ago: kombu's rule for its one
+    shared hash, kept for nodes that may never start again."""
+    with (
+        app.connection_for_write() as connection,
+        connection.channel() as channel,
+        channel.conn_or_acquire() as client,
+    ):
+        nodes = {n.decode() if isinstance(n, bytes) else n for n in client.smembers(NODES_KEY)}
+    for other in sorted(nodes - {node}):
+        with (
+            app.connection_for_write(transport_options=unit_keys(app_options, other)) as connection,
+            connection.channel() as channel,
+        ):
+            channel.qos.restore_visible(num=None)
+
+
+class Reclaimer:
+    """Runs ``reclaim`` at start and then every half visibility timeout (1 to 15 minutes), in a thread."""
+
+    def __init__(self, app, node: str, app_options: dict) -> None:
+        self.app, self.node, self.app_options = app, node, app_options
+        visibility = float(app_options.get("visibility_timeout", DEFAULT_VISIBILITY_TIMEOUT))
+        self.period = min(max(visibility / 2, 60.0), 900.0)
+
+    def run(self) -> None:
+        while True:
+            try:
+                reclaim(self.app, self.node, self.app_options)
+            except Exception:  # the broker may be away; the next round tries again
+                LOG.exception("celery-fleet: could not reclaim other nodes' stale unacknowledged messages")
+            time.sleep(self.period)
+
+    def start(self) -> None:
+        threading.Thread(target=self.run, name="celery-fleet-reclaim", daemon=True).start()
+
+
 class Fleet:
     """What the launcher adds to one worker process; its handlers are Celery signal receivers."""
 
     def __init__(self, notifier: Notifier) -> None:
         self.notifier = notifier
         self.watchdog = Watchdog(notifier, notifier.watchdog) if notifier.watchdog else None
-        self.redis = False
+        self.reclaimer: Reclaimer | None = None
 
     def install(self) -> None:
         signals.worker_init.connect(self.on_worker_init, weak=False)
@@ -153,10 +195,11 @@ class Fleet:
 
     def on_worker_init(self, sender, **_kwargs) -> None:
         app = sender.app
-        self.redis = app.connection_for_read().transport.driver_type == "redis"
-        if self.redis:
-            app.conf.broker_transport_options = unit_keys(app.conf.broker_transport_options, sender.hostname)
+        if app.connection_for_read().transport.driver_type == "redis":
+            app_options = dict(app.conf.broker_transport_options or {})
+            app.conf.broker_transport_options = unit_keys(app_options, sender.hostname)
             app.steps["consumer"].add(HandBack)
+            self.reclaimer = Reclaimer(app, sender.hostname, app_options)
         app.steps["consumer"].add(ConsumerState)
 
     def on_worker_ready(self, sender, **_kwargs) -> None:
@@ -168,6 +211,8 @@ class Fleet:
             self.watchdog.last_tick = self.watchdog.clock()
             self.watchdog.consuming = True
             self.watchdog.start(sender.call_soon)
+        if self.reclaimer:
+            self.reclaimer.start()
         self.notifier.send(READY=1, STATUS=status)
 
     def on_shutting_down(self, **_kwargs) -> None:
@@ -201,7 +246,7 @@ class HandBack(bootsteps.StartStopStep):
         if self.done:
             return
         self.done = True
-        count = hand_back(parent.connection)
+        count = hand_back(parent.connection, parent.hostname)
         if count:
             LOG.warning(
                 "celery-fleet: handed %d message(s) that this unit's previous process took and never "
