@@ -18,7 +18,14 @@ TWIN = "celery-fleet-twin"
 # Cases run at once: each is a controller process waiting on docker exec, so a few overlap well on 2 cores.
 PARALLEL = 4
 GROUPS = ("celery_broker", "celery_workers", "celery_beat", "celery_flower")
-BASE_VARS = ("redis_password", "flower_user", "flower_password", "celery_app_env", "celery_workers")
+BASE_VARS = (
+    "redis_password",
+    "flower_user",
+    "flower_password",
+    "celery_app_env",
+    "celery_workers",
+    "celery_worker_watchdog_sec",
+)
 """The catalogue of invalid inventories. Every case must be refused by site.yml before any host changes,
 with a message that starts with the host or `fleet:`, names the variable and says how to fix it."""
 

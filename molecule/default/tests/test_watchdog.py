@@ -12,7 +12,7 @@ import time
 
 from fleet_testing import FLEET_ENV, VENV, on_host, show, worker_unit
 
-WATCHDOG = 10
+WATCHDOG = 10  # celery_worker_watchdog_sec in molecule.yml; each test checks that its unit has it
 ABORT = 10
 
 
@@ -89,13 +89,17 @@ def test_a_worker_that_never_gets_ready_fails_its_start_with_a_clear_line(host):
         assert "start operation timed out" in lines, lines[-3000:]
         assert "Cannot connect to redis://:**@127.0.0.1:9/0" in lines, lines[-3000:]
     finally:
-        host.run(f"rm -rf {dropin} /run/test-no-broker.env && systemctl daemon-reload && systemctl restart {unit}")
+        host.run(
+            f"rm -rf {dropin} /run/test-no-broker.env && systemctl daemon-reload && systemctl restart {unit}"
+        )
     assert show(host, unit, "ActiveState")["ActiveState"] == "active"
 
 
 def test_a_hung_loop_is_killed_and_restarted_its_task_redone_while_a_long_solo_task_runs_on(host):
     hung = worker_unit(host, "processing")
     solo = worker_unit(host, "gpu")
+    for unit in (hung, solo):
+        assert show(host, unit, "WatchdogUSec")["WatchdogUSec"] == f"{WATCHDOG}s", unit
     solo_restarts = restarts(host, solo)
     start = since(host)
     # Longer than the watchdog on the solo pool, whose loop runs the task itself.

@@ -7,7 +7,8 @@ only each password's SHA-256 (``#<hex>``).
 
 No user may run Redis's dangerous commands (``-@dangerous``: FLUSHALL, FLUSHDB, CONFIG, ACL, DEBUG,
 SHUTDOWN, KEYS, MODULE and the like, which also stops ``CONFIG SET maxmemory-policy`` from making
-Redis evict queued tasks). Only beat's user may write the lease key; the others may read it.
+Redis evict queued tasks). Only beat's user may write the lease key; the others may read it. The
+metrics exporters' user may only read.
 """
 
 from __future__ import annotations
@@ -23,7 +24,10 @@ COMPONENTS: dict[str, tuple[str, tuple[str, ...]]] = {
     "beat": ("the beat supervisor and beat; the only writer of the lease", ("info",)),
     "flower": ("Flower", ()),
     "admin": ("the playbooks, verify, status, pause and the canary", ("info",)),
+    "metrics": ("the metrics exporters of the broker host; reads only", ("info",)),
 }
+# Components that may read keys and run read commands only.
+READ_ONLY = frozenset({"metrics"})
 # Named on top of -@dangerous, so that each rule reads as the issue of record states it.
 REFUSED = ("flushall", "flushdb", "config", "acl", "debug", "shutdown", "keys", "module")
 GLOB_SPECIAL = frozenset("*?[]\\^-")
@@ -66,10 +70,12 @@ def acl_rules(master: str, component: str, lease_key: str) -> str:
     digest = hashlib.sha256(password(master, component).encode()).hexdigest()
     if component == "beat":
         keys = ["~*"]
+    elif component in READ_ONLY:
+        keys = ["%R~*"]
     else:
         keys = [f"~{p}" for p in all_keys_but(lease_key)] + [f"%R~{''.join(map(_glob_literal, lease_key))}"]
     commands = [
-        "+@all",
+        *(["+@read", "+@connection"] if component in READ_ONLY else ["+@all"]),
         "-@dangerous",
         *(f"-{c}" for c in REFUSED),
         *(f"+{c}" for c in COMPONENTS[component][1]),
