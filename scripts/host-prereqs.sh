@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # What the build host needs, from Debian: a Docker engine (docker.io) for the
-# lab and Molecule hosts, debootstrap for their base image, and redis-server
-# for the unit tests. Starts dockerd when none is running.
+# lab and Molecule hosts, debootstrap for their base image, redis-server for
+# the unit tests, and prometheus for promtool, which checks and tests the alert
+# rules. Starts dockerd when none is running.
 set -euo pipefail
 
 missing=()
 command -v dockerd >/dev/null 2>&1 || missing+=(docker.io)
 command -v debootstrap >/dev/null 2>&1 || missing+=(debootstrap)
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
 if ((${#missing[@]})); then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -q

@@ -29,6 +29,7 @@ import redis
 from celery import Celery, beat
 from conftest import free_port
 from kombu.utils.imports import symbol_by_name
+from prometheus_client.parser import text_string_to_metric_families
 
 from celery_fleet import beat_fence, beat_guard, beat_lease
 
@@ -340,6 +341,39 @@ def test_redis_restart_never_leaves_two_beats_running(redis_server, fleet):
     assert max(samples) <= 1
     assert any("Redis restarted" in g.stderr() for g in guards[:2])
     assert "Redis started recently" in guards[2].stderr()
+
+
+def leader_metrics(guard: Guard) -> dict[str, float]:
+    """What node exporter's textfile collector reads from this guard."""
+    text = guard.state_file.with_name("metrics.prom").read_text()
+    return {s.name: s.value for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def test_each_host_tells_prometheus_whether_it_leads_and_until_when(redis_server, fleet):
+    client = redis_server.client()
+    leader = fleet.start("a", redis_server.url)
+    wait_for_leader(client, leader)
+    standby = fleet.start("b", redis_server.url)
+    assert wait_until(lambda: "standing by" in standby.stderr(), 10)
+    assert leader_metrics(standby) == {
+        "celery_fleet_beat_leader": 0,
+        "celery_fleet_beat_leader_until_seconds": 0,
+    }
+    led = leader_metrics(leader)
+    assert led["celery_fleet_beat_leader"] == 1
+    # Until its deadline: less than a TTL ahead, and moved on by each renewal.
+    assert time.time() < led["celery_fleet_beat_leader_until_seconds"] < time.time() + TTL
+    assert wait_until(
+        lambda: (
+            leader_metrics(leader)["celery_fleet_beat_leader_until_seconds"]
+            > led["celery_fleet_beat_leader_until_seconds"]
+        ),
+        TTL,
+    )
+    leader.proc.send_signal(signal.SIGTERM)
+    assert leader.proc.wait(timeout=10) == 0
+    assert leader_metrics(leader)["celery_fleet_beat_leader"] == 0
+    assert wait_until(lambda: leader_metrics(standby)["celery_fleet_beat_leader"] == 1, 5)
 
 
 def test_clean_stop_hands_over_within_three_seconds(redis_server, fleet):

@@ -75,6 +75,11 @@ class Settings:
     stuck_timeout: float = 60.0
 
     @property
+    def metrics_file(self) -> Path:
+        """Where node exporter's textfile collector reads whether this host leads: beside the deadline."""
+        return self.state_file.with_name("metrics.prom")
+
+    @property
     def heartbeat_file(self) -> Path:
         """Where beat's fence writes the time of each tick: beside the deadline."""
         return self.state_file.with_name("heartbeat")
@@ -237,6 +242,29 @@ def configure_logging(broker_url: str) -> None:
 # --- the supervisor ----------------------------------------------------------------------------------
 
 
+def write_leader_metrics(path: Path, deadline: float) -> None:
+    """Whether this host leads, and until when (wall-clock), in Prometheus's text format, atomically.
+
+    The end time lets a rule count a leader only while its lease may hold: a host frozen while leading
+    stops counting at its deadline, whatever its file still says.
+    """
+    leads = deadline > time.monotonic()
+    until = time.time() + (deadline - time.monotonic()) if leads else 0.0
+    text = (
+        "# HELP celery_fleet_beat_leader Whether this host holds beat's lease and runs beat.\n"
+        "# TYPE celery_fleet_beat_leader gauge\n"
+        f"celery_fleet_beat_leader {int(leads)}\n"
+        "# HELP celery_fleet_beat_leader_until_seconds When this host's lease ends unless renewed (unix s).\n"
+        "# TYPE celery_fleet_beat_leader_until_seconds gauge\n"
+        f"celery_fleet_beat_leader_until_seconds {until:.3f}\n"
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="ascii")
+    tmp.chmod(0o644)
+    os.replace(tmp, path)
+
+
 class Supervisor:
     """Standby until the lease is won; then runs beat and keeps the lease, or stops beat."""
 
@@ -268,6 +296,7 @@ class Supervisor:
             s.renew_interval,
             s.poll_interval,
         )
+        self._publish(0.0)
         while not self.stop_requested:
             code = self._standby_tick() if self.beat is None else self._leader_tick()
             if code is not None:
@@ -281,7 +310,12 @@ class Supervisor:
             time.sleep(min(left, TICK))
 
     def _publish_deadline(self) -> None:
-        write_stamp(self.settings.state_file, self.lease.deadline)
+        self._publish(self.lease.deadline)
+
+    def _publish(self, deadline: float) -> None:
+        """The deadline for beat's fence (0: closed), then the same for Prometheus (a textfile)."""
+        write_stamp(self.settings.state_file, deadline)
+        write_leader_metrics(self.settings.metrics_file, deadline)
 
     # standby
 
@@ -350,7 +384,7 @@ class Supervisor:
             if self.lease.deadline != before:
                 self._publish_deadline()
         except LeaseLost as lost:
-            write_stamp(self.settings.state_file, 0.0)
+            self._publish(0.0)
             LOG.error("%s: killing beat", lost)
             return False
         return True
@@ -358,7 +392,7 @@ class Supervisor:
     def _lose_leadership(self, reason: str) -> None:
         """Close the fence, kill beat at once, and go back to standby."""
         assert self.beat is not None
-        write_stamp(self.settings.state_file, 0.0)
+        self._publish(0.0)
         LOG.error("lost leadership: %s; stopping beat (pid %d) now", reason, self.beat.pid)
         code = self._stop_beat(self.settings.kill_grace, keep_lease=False)
         LOG.warning("beat stopped (exit code %s); standing by", code)
@@ -402,7 +436,7 @@ class Supervisor:
         return self._start_beat()
 
     def _step_down(self) -> None:
-        write_stamp(self.settings.state_file, 0.0)
+        self._publish(0.0)
         self.lease.release()
 
     def _shutdown(self) -> int:
@@ -418,7 +452,7 @@ class Supervisor:
     def abort(self) -> None:
         """Last resort after an unexpected error: never leave beat running without a supervisor."""
         try:
-            write_stamp(self.settings.state_file, 0.0)
+            self._publish(0.0)
         finally:
             if self.beat is not None:
                 self._stop_beat(self.settings.kill_grace, keep_lease=False)

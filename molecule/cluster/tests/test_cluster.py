@@ -169,13 +169,13 @@ def test_a_converge_and_a_verify_at_vvv_show_no_secret_anywhere(host, hostvars, 
     and Flower on its own host seeing them all."""
     sudo_host = other(host, "cluster-worker1")
     since = sudo_host.check_output("date '+%Y-%m-%d %H:%M:%S'")
+    # After the side effects (the second verify), the verify alone: the converge was sampled before.
+    again = host.file("/var/lib/celery-fleet-test-side-effects-done").exists
+    names = ["playbooks/verify.yml"] if again else ["site.yml", "playbooks/verify.yml"]
     with contextlib.ExitStack() as stack:
         for name in HOSTS:
             stack.enter_context(process_samples(name, tmp_path / f"{name}.ps"))
-        runs = [
-            playbook(name, host.backend.ansible_inventory, verbosity=3)
-            for name in ("site.yml", "playbooks/verify.yml")
-        ]
+        runs = [playbook(name, host.backend.ansible_inventory, verbosity=3) for name in names]
     for run in runs:
         assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
     samples = {name: (tmp_path / f"{name}.ps").read_text(errors="replace") for name in HOSTS}
