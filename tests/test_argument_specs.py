@@ -10,7 +10,15 @@ ROLES = sorted(p.name for p in (ROOT / "roles").iterdir() if (p / "defaults" / "
 
 
 def test_every_role_is_checked():
-    assert ROLES == ["celery_app", "celery_beat", "celery_fleet", "celery_worker", "flower", "redis"]
+    assert ROLES == [
+        "celery_app",
+        "celery_beat",
+        "celery_fleet",
+        "celery_prometheus",
+        "celery_worker",
+        "flower",
+        "redis",
+    ]
 
 
 @pytest.mark.parametrize("role", ROLES)
