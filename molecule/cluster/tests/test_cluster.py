@@ -152,6 +152,11 @@ def test_beat_unit_exposure_is_under_its_bar(beat_hosts):
         assert exposure(host, "celery-beat.service") <= 1.0, host.backend.host
 
 
+def test_flower_unit_exposure_is_under_its_bar(host):
+    # Flower on its own host: TLS to the broker on another, with the key as a group member.
+    assert exposure(other(host, "cluster-flower"), "flower.service") <= 1.0
+
+
 HOSTS = [
     "cluster-broker",
     "cluster-worker1",
