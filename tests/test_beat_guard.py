@@ -343,6 +343,15 @@ def test_redis_restart_never_leaves_two_beats_running(redis_server, fleet):
     assert "Redis started recently" in guards[2].stderr()
 
 
+def leader_and_standby(client, redis_server, fleet) -> tuple[Guard, Guard]:
+    """Guard a, leading, and guard b, standing by."""
+    leader = fleet.start("a", redis_server.url)
+    wait_for_leader(client, leader)
+    standby = fleet.start("b", redis_server.url)
+    assert wait_until(lambda: "standing by" in standby.stderr(), 10)
+    return leader, standby
+
+
 def leader_metrics(guard: Guard) -> dict[str, float]:
     """What node exporter's textfile collector reads from this guard."""
     text = guard.state_file.with_name("metrics.prom").read_text()
@@ -351,10 +360,7 @@ def leader_metrics(guard: Guard) -> dict[str, float]:
 
 def test_each_host_tells_prometheus_whether_it_leads_and_until_when(redis_server, fleet):
     client = redis_server.client()
-    leader = fleet.start("a", redis_server.url)
-    wait_for_leader(client, leader)
-    standby = fleet.start("b", redis_server.url)
-    assert wait_until(lambda: "standing by" in standby.stderr(), 10)
+    leader, standby = leader_and_standby(client, redis_server, fleet)
     assert leader_metrics(standby) == {
         "celery_fleet_beat_leader": 0,
         "celery_fleet_beat_leader_until_seconds": 0,
@@ -378,10 +384,7 @@ def test_each_host_tells_prometheus_whether_it_leads_and_until_when(redis_server
 
 def test_clean_stop_hands_over_within_three_seconds(redis_server, fleet):
     client = redis_server.client()
-    leader = fleet.start("a", redis_server.url)
-    wait_for_leader(client, leader)
-    standby = fleet.start("b", redis_server.url)
-    assert wait_until(lambda: "standing by" in standby.stderr(), 10)
+    leader, standby = leader_and_standby(client, redis_server, fleet)
 
     stopped_at = time.monotonic()
     leader.proc.send_signal(signal.SIGTERM)

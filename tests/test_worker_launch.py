@@ -101,6 +101,26 @@ def send(env: dict[str, str], seconds: float, queue: str = "launcher", wait: flo
     return done.stdout.strip()
 
 
+def result(env: dict[str, str], task_id: str) -> dict:
+    """The result of task ``task_id``, read back as a client of the app would (within 60 s)."""
+    program = (
+        f"from demo_app.celery import app; import json; "
+        f"print(json.dumps(app.AsyncResult('{task_id}').get(timeout=60)))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", program], env=env, capture_output=True, text=True, timeout=90, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def taken(client, node: str) -> None:
+    """Wait (up to 30 s) until ``node`` holds a message it has not acknowledged."""
+    deadline = time.monotonic() + 30
+    while not client.hlen(f"unacked:{node}") and time.monotonic() < deadline:
+        time.sleep(0.2)
+
+
 def test_ready_comes_only_once_the_worker_consumes(redis_server, systemd):
     env = demo_env(redis_server)
     redis_server.stop()
@@ -147,9 +167,7 @@ def test_a_killed_workers_unacknowledged_task_is_handed_back_at_its_restart(redi
     try:
         systemd.wait_for("READY", timeout=60)
         task_id = send(env, 8)
-        deadline = time.monotonic() + 30
-        while not client.hlen(f"unacked:{NODE}") and time.monotonic() < deadline:
-            time.sleep(0.2)
+        taken(client, NODE)
         assert client.hlen(f"unacked:{NODE}") == 1, "the worker took the task (acks_late)"
         assert not client.hlen("unacked"), "into the unit's own hash, not kombu's shared one"
     finally:
@@ -158,15 +176,7 @@ def test_a_killed_workers_unacknowledged_task_is_handed_back_at_its_restart(redi
     second = launch(env, systemd, watchdog_s=30)
     try:
         systemd.wait_for("READY", timeout=60)
-        program = (
-            f"from demo_app.celery import app; import json; "
-            f"print(json.dumps(app.AsyncResult('{task_id}').get(timeout=60)))"
-        )
-        done = subprocess.run(
-            [sys.executable, "-c", program], env=env, capture_output=True, text=True, timeout=90, check=False
-        )
-        assert done.returncode == 0, done.stderr
-        assert json.loads(done.stdout)["slept"] == 8
+        assert result(env, task_id)["slept"] == 8
     finally:
         err = stop(second)
     assert "handed 1 message(s)" in err, err[-2000:]
@@ -182,9 +192,7 @@ def test_a_gone_nodes_stale_unacknowledged_task_is_reclaimed_by_another_worker(r
     try:
         systemd.wait_for("READY", timeout=60)
         task_id = send(env, 1)
-        deadline = time.monotonic() + 30
-        while not client.hlen("unacked:gone@launcher") and time.monotonic() < deadline:
-            time.sleep(0.2)
+        taken(client, "gone@launcher")
     finally:
         gone.kill()
         gone.communicate(timeout=10)
@@ -194,15 +202,7 @@ def test_a_gone_nodes_stale_unacknowledged_task_is_reclaimed_by_another_worker(r
     other = launch(env, systemd, watchdog_s=30)
     try:
         systemd.wait_for("READY", timeout=60)
-        program = (
-            f"from demo_app.celery import app; import json; "
-            f"print(json.dumps(app.AsyncResult('{task_id}').get(timeout=60)))"
-        )
-        done = subprocess.run(
-            [sys.executable, "-c", program], env=env, capture_output=True, text=True, timeout=90, check=False
-        )
-        assert done.returncode == 0, done.stderr
-        assert json.loads(done.stdout)["worker"] == NODE
+        assert result(env, task_id)["worker"] == NODE
     finally:
         stop(other)
     assert client.hlen("unacked:gone@launcher") == 0

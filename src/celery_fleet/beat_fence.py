@@ -81,12 +81,19 @@ def read_stamp(path: str | os.PathLike[str] | None) -> float:
     return value if math.isfinite(value) and value > 0 else 0.0
 
 
-def write_stamp(path: Path, stamp: float) -> None:
-    """Write a monotonic time atomically (temp file + rename), so no reader sees half a number."""
+def write_atomically(path: Path, text: str, mode: int | None = None) -> None:
+    """Write ``text`` by temp file and rename, so no reader sees half of it (``mode``: its permissions)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text("0\n" if stamp <= 0 else f"{stamp!r}\n", encoding="ascii")
+    tmp.write_text(text, encoding="ascii")
+    if mode is not None:
+        tmp.chmod(mode)
     os.replace(tmp, path)
+
+
+def write_stamp(path: Path, stamp: float) -> None:
+    """Write a monotonic time atomically, so no reader sees half a number."""
+    write_atomically(path, "0\n" if stamp <= 0 else f"{stamp!r}\n")
 
 
 def lease_deadline() -> float:

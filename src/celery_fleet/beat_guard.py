@@ -37,6 +37,7 @@ from celery_fleet.beat_fence import (
     LEASE_TOKEN_ENV,
     MAX_INTERVAL_ENV,
     SCHEDULER_PATH,
+    write_atomically,
     write_stamp,
 )
 from celery_fleet.beat_lease import Lease, LeaseLost, connect
@@ -258,11 +259,7 @@ def write_leader_metrics(path: Path, deadline: float) -> None:
         "# TYPE celery_fleet_beat_leader_until_seconds gauge\n"
         f"celery_fleet_beat_leader_until_seconds {until:.3f}\n"
     )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="ascii")
-    tmp.chmod(0o644)
-    os.replace(tmp, path)
+    write_atomically(path, text, mode=0o644)
 
 
 class Supervisor:

@@ -28,12 +28,13 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
+from celery_fleet.worker import NODES_KEY, unit_keys
+
 LOG = logging.getLogger("celery_fleet.metrics")
 
 # kombu's Redis transport: priority sub-queues are "<queue><SEP><step>" for the steps above 0.
 PRIORITY_SEP = "\x06\x16"
 PRIORITY_STEPS = (0, 3, 6, 9)
-NODES_KEY = "celery-fleet:unacked-nodes"  # celery_fleet.worker's list of nodes with keys of their own
 PAGE = 100
 MAX_NEW = 10_000  # messages stamped per list and poll; a larger burst is stamped as it reaches the tail
 
@@ -111,7 +112,7 @@ class QueueWatch:
     def unacked(self) -> dict[str, int]:
         """Per node with keys of its own: the messages it took and has not acknowledged."""
         nodes = sorted(n.decode() if isinstance(n, bytes) else n for n in self.client.smembers(NODES_KEY))
-        return {node: self.client.hlen(f"unacked:{node}") for node in nodes}
+        return {node: self.client.hlen(unit_keys({}, node)["unacked_key"]) for node in nodes}
 
 
 def serve(address: str, port: int, watch: QueueWatch, interval: float, rounds: int | None = None) -> None:
