@@ -285,6 +285,8 @@ class Supervisor:
     def run(self) -> int:
         """Loop until stopped; returns the exit status."""
         s = self.settings
+        # Not leading, said before "standing by" is: whoever reads that line finds the file.
+        self._publish(0.0)
         LOG.info(
             "standing by for lease %r on %s (ttl %gs, renew every %gs, poll every %gs)",
             s.lock_key,
@@ -293,7 +295,6 @@ class Supervisor:
             s.renew_interval,
             s.poll_interval,
         )
-        self._publish(0.0)
         while not self.stop_requested:
             code = self._standby_tick() if self.beat is None else self._leader_tick()
             if code is not None:
