@@ -455,6 +455,8 @@ def worker_args(spec: dict[str, Any]) -> list[str]:
     else:
         args.append(f"--concurrency={spec['concurrency']}")
     args += [f"--prefetch-multiplier={spec['prefetch_multiplier']}", f"--loglevel={spec['loglevel']}"]
+    # Task events from the start, not only once Flower asks: its task metrics count every outcome.
+    args.append("--task-events")
     if spec["pool"] in PROCESS_POOLS:
         if spec["max_tasks_per_child"]:
             args.append(f"--max-tasks-per-child={spec['max_tasks_per_child']}")
