@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # What the build host needs, from Debian: a Docker engine (docker.io) for the
 # lab and Molecule hosts, debootstrap for their base image, redis-server for
-# the unit tests, and prometheus for promtool, which checks and tests the alert
-# rules. Starts dockerd when none is running.
+# the unit tests, prometheus for promtool, which checks and tests the alert
+# rules, and chromium, whose headless screenshots of Flower and Prometheus the
+# README shows (a font, so that their text renders). Starts dockerd when none is running.
 set -euo pipefail
 
 missing=()
@@ -10,6 +11,7 @@ command -v dockerd >/dev/null 2>&1 || missing+=(docker.io)
 command -v debootstrap >/dev/null 2>&1 || missing+=(debootstrap)
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
+command -v chromium >/dev/null 2>&1 || missing+=(chromium fonts-dejavu-core)
 if ((${#missing[@]})); then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -q

@@ -14,6 +14,7 @@ def test_every_role_is_checked():
         "celery_app",
         "celery_beat",
         "celery_fleet",
+        "celery_metrics",
         "celery_prometheus",
         "celery_worker",
         "flower",

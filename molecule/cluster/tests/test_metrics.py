@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shlex
+import subprocess
 import time
 
 import pytest
-from fleet_testing import exposure, on_host, other, worker_units
+from fleet_testing import ROOT, exposure, on_host, other, worker_units
 
 # Prometheus and its loopback exporters run on the Flower host; the fleet's hosts are reached from it.
 testinfra_hosts = ["ansible://cluster-flower"]
@@ -25,6 +27,11 @@ GPU_QUEUES = ("training", "extraction")
 # shows within a few intervals. The bound is generous for a loaded CI machine, never a measured time.
 SETTLE = 120
 PROMETHEUS = "http://127.0.0.1:9090"
+# The README's pictures, as this test run takes them.
+PICTURES = ROOT / "docs" / "img"
+_spec = importlib.util.spec_from_file_location("lab_forward", ROOT / "scripts" / "lab_forward.py")
+lab_forward = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(lab_forward)
 
 
 def prometheus(host, path: str, **params: str) -> dict:
@@ -174,7 +181,7 @@ def test_leadership_moved_across_the_failovers_and_one_host_led_at_a_time(host):
     assert {float(v) for _, v in count["result"][0]["values"]} <= {0.0, 1.0}
 
 
-def test_depth_and_the_no_consumer_alert_follow_a_stopped_worker(host):
+def test_depth_and_the_no_consumer_alert_follow_a_stopped_worker(host, browser):
     gpu_host = other(host, "cluster-worker2")
     units = sorted(worker_units(gpu_host).values())
     assert len(units) == 2, units
@@ -211,6 +218,9 @@ def test_depth_and_the_no_consumer_alert_follow_a_stopped_worker(host):
             bool,
             "CeleryQueueWithoutConsumer fires for training",
         )
+        # The README's picture of Prometheus's alerts page, while this alert fires.
+        page = browser(9090, "/alerts", "prometheus-alerts.png")
+        assert "CeleryQueueWithoutConsumer" in page, page[-2000:]
     finally:
         assert gpu_host.run(f"systemctl start {' '.join(units)}").rc == 0
     until(
@@ -264,3 +274,61 @@ def test_node_exporter_answers_prometheus_only(host):
 
 def test_celery_fleet_metrics_unit_exposure_is_under_its_bar(host):
     assert exposure(host, "celery-fleet-metrics") <= 1.0
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    """Headless Chromium on this machine, reaching Flower and Prometheus on cluster-flower's loopback
+    through scripts/lab_forward.py. Only loopback: every other name resolves to nothing."""
+    listeners = {port: lab_forward.serve("cluster-flower", port, 0) for port in (5555, 9090)}
+    local = {port: listener.getsockname()[1] for port, listener in listeners.items()}
+    profile = tmp_path_factory.mktemp("chromium")
+
+    def chromium(url: str, *action: str) -> str:
+        result = subprocess.run(
+            [
+                "chromium",
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--hide-scrollbars",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--disable-default-apps",
+                "--disable-domain-reliability",
+                "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
+                f"--user-data-dir={profile}",
+                "--window-size=1400,900",
+                "--virtual-time-budget=10000",
+                *action,
+                url,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert result.returncode == 0, result.stderr[-2000:]
+        return result.stdout
+
+    def take(port: int, path: str, picture: str, auth: str = "") -> str:
+        """The page's DOM once its scripts ran, and its screenshot in docs/img/``picture``."""
+        url = f"http://{auth + '@' if auth else ''}127.0.0.1:{local[port]}{path}"
+        PICTURES.mkdir(parents=True, exist_ok=True)
+        (PICTURES / picture).unlink(missing_ok=True)
+        chromium(url, f"--screenshot={PICTURES / picture}")
+        assert (PICTURES / picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        return chromium(url, "--dump-dom")
+
+    yield take
+    for listener in listeners.values():
+        listener.close()
+
+
+def test_flower_workers_page_shows_every_worker_of_the_fleet(host, browser, hostvars):
+    login = f"{hostvars['flower_user']}:{hostvars['flower_password']}"
+    page = browser(5555, "/workers", "flower-workers.png", login)
+    for node in ("fast", "low", "gpu-0", "gpu-1"):
+        assert node in page, page[-2000:]
