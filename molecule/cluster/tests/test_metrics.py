@@ -219,7 +219,7 @@ def test_depth_and_the_no_consumer_alert_follow_a_stopped_worker(host, browser):
             "CeleryQueueWithoutConsumer fires for training",
         )
         # The README's picture of Prometheus's alerts page, while this alert fires.
-        page = browser(9090, "/alerts", "prometheus-alerts.png")
+        page = browser(9090, "/classic/alerts", "prometheus-alerts.png")
         assert "CeleryQueueWithoutConsumer" in page, page[-2000:]
     finally:
         assert gpu_host.run(f"systemctl start {' '.join(units)}").rc == 0
