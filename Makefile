@@ -17,10 +17,11 @@ export ANSIBLE_LOCAL_TEMP := $(CURDIR)/.cache/ansible/tmp
 LAB := -i inventories/lab
 SCENARIOS ?= default alternative cluster semantik
 
-.PHONY: help venv prereqs image lab lab-down lint unit molecule test clean
+.PHONY: help venv prereqs image lab lab-open lab-down lint unit molecule test clean
 
 help:
 	@echo "make lab       build the lab hosts, deploy the fleet, run demo tasks, print status"
+	@echo "make lab-open  reach the lab's Flower and Prometheus from here (127.0.0.1:5555 and :9090)"
 	@echo "make lab-down  remove every lab container and network"
 	@echo "make test      lint, unit tests and the Molecule scenarios ($(SCENARIOS))"
 
@@ -44,7 +45,13 @@ lab: venv image
 	ansible-playbook $(LAB) site.yml && \
 	ansible-playbook $(LAB) scripts/lab-demo.yml && \
 	ansible-playbook $(LAB) playbooks/status.yml && \
-	echo "make lab took $$(( $$(date +%s) - start )) s"
+	echo "make lab took $$(( $$(date +%s) - start )) s" && \
+	echo "Flower and Prometheus listen on lab-broker's loopback. From this machine: make lab-open, then" && \
+	echo "open http://127.0.0.1:5555/workers and http://127.0.0.1:9090/classic/alerts"
+
+# The lab has no SSH: docker exec carries each connection (ssh -L on a real fleet).
+lab-open:
+	scripts/lab_forward.py lab-broker 5555 9090
 
 lab-down: venv
 	ansible-playbook $(LAB) scripts/lab-hosts.yml -e lab_state=absent
