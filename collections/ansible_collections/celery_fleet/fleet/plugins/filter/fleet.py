@@ -16,6 +16,7 @@ from ansible_collections.celery_fleet.fleet.plugins.module_utils.sizes import pa
 from ansible_collections.celery_fleet.fleet.plugins.module_utils.systemd import env_assignment, exec_command
 from ansible_collections.celery_fleet.fleet.plugins.module_utils.values import (
     address_error,
+    duration_error,
     network_error,
     password_error,
     port_error,
@@ -38,6 +39,8 @@ description:
     placeholder), else the message; the value itself never appears in it.
   - C(address_errors(where, fix, ipv6=true)) is [] for one IP address, else the message.
   - C(network_errors(where, fix)) is [] for one IP network (C(10.0.0.0/24)), else the message.
+  - C(duration_errors(where, fix)) is [] for a non-zero Prometheus duration (C(90s), C(1h30m)), else the
+    message.
   - C(broker_acl(lease_key)) of the master C(redis_password) is the broker's C(user) lines (the default
     user off, one user per component, worker, beat, flower and admin, passwords stored hashed).
   - C(broker_url(component, address, port, db, tls)) of the master is the URL of that component's user,
@@ -114,6 +117,11 @@ def network_errors(value: Any, where: str, fix: str) -> list[str]:
     return [error] if error else []
 
 
+def duration_errors(value: Any, where: str, fix: str) -> list[str]:
+    error = duration_error(where, value, fix)
+    return [error] if error else []
+
+
 def broker_acl_lines(master: str, lease_key: str) -> list[str]:
     return broker_acl.acl_lines(master, lease_key)
 
@@ -157,6 +165,7 @@ class FilterModule:
             "password_errors": password_errors,
             "address_errors": address_errors,
             "network_errors": network_errors,
+            "duration_errors": duration_errors,
             "broker_acl": broker_acl_lines,
             "broker_url": broker_url,
             "broker_password": broker_password,

@@ -1,4 +1,5 @@
-"""The fleet's rules for the scalar values several roles take: TCP ports and broker passwords."""
+"""The fleet's rules for the scalar values several roles take: TCP ports, broker passwords, addresses and
+Prometheus durations."""
 
 from __future__ import annotations
 
@@ -9,6 +10,11 @@ from typing import Any
 # A broker password goes into redis:// URLs and Redis's ACL file unquoted: URL-safe characters only.
 PASSWORD = re.compile(r"[A-Za-z0-9._~-]{16,}", re.ASCII)
 PASSWORD_FORMS = "16+ characters of [A-Za-z0-9._~-], e.g. `openssl rand -hex 24`"
+# Prometheus's duration (prometheus/common model.ParseDuration): integers with a unit, each unit at most
+# once, largest first. Zero, which Prometheus takes, is refused: every fleet duration must be crossable.
+DURATION_UNITS = ("y", "w", "d", "h", "m", "s", "ms")
+DURATION = re.compile("".join(rf"(?:[0-9]+{unit})?" for unit in DURATION_UNITS), re.ASCII)
+DURATION_FORMS = "a number and a unit, largest first, like 90s, 5m or 1h30m; units y w d h m s ms; not 0"
 
 
 def port_error(where: str, value: Any, fix: str) -> str | None:
@@ -50,3 +56,10 @@ def network_error(where: str, value: Any, fix: str) -> str | None:
         else:
             return None
     return f"{where} {value!r} is not an IP network like 10.0.0.0/24 (no host bits set) or one address. {fix}"
+
+
+def duration_error(where: str, value: Any, fix: str) -> str | None:
+    """The message for a value that is not a non-zero Prometheus duration (1h30m, 90s), else None."""
+    if isinstance(value, str) and value and DURATION.fullmatch(value) and any(c in "123456789" for c in value):
+        return None
+    return f"{where} {value!r} is not a Prometheus duration ({DURATION_FORMS}). {fix}"
