@@ -60,6 +60,7 @@ def network_error(where: str, value: Any, fix: str) -> str | None:
 
 def duration_error(where: str, value: Any, fix: str) -> str | None:
     """The message for a value that is not a non-zero Prometheus duration (1h30m, 90s), else None."""
-    if isinstance(value, str) and value and DURATION.fullmatch(value) and any(c in "123456789" for c in value):
+    nonzero = isinstance(value, str) and any(c in "123456789" for c in value)
+    if nonzero and DURATION.fullmatch(value):
         return None
     return f"{where} {value!r} is not a Prometheus duration ({DURATION_FORMS}). {fix}"
