@@ -187,18 +187,13 @@ def playbook(
     json_output: bool = False,
     limit: str | None = None,
     verbosity: int = 0,
-    fact_cache: Path | None = None,
 ) -> subprocess.CompletedProcess:
     """Run one of the project's playbooks from the controller, as a user would.
 
-    ``check`` adds --check --diff; ``json_output`` makes stdout the json callback's one JSON document;
-    ``fact_cache`` keeps gathered facts in that directory, so that runs against an unchanged host share them.
+    ``check`` adds --check --diff; ``json_output`` makes stdout the json callback's one JSON document.
     """
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ANSIBLE_", "MOLECULE_"))}
     env |= {"ANSIBLE_CONFIG": str(ROOT / "ansible.cfg"), "ANSIBLE_HOME": str(ROOT / ".cache" / "ansible")}
-    if fact_cache:
-        env |= {"ANSIBLE_CACHE_PLUGIN": "ansible.builtin.jsonfile"}
-        env |= {"ANSIBLE_CACHE_PLUGIN_CONNECTION": str(fact_cache)}
     if json_output:
         env["ANSIBLE_STDOUT_CALLBACK"] = "ansible.builtin.json"
     args = [arg for inventory in inventories for arg in ("-i", str(inventory))]
